@@ -1,0 +1,1 @@
+"""The CIPA network and its building blocks (no DICOM, no I/O beyond weight files)."""
