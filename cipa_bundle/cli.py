@@ -34,6 +34,107 @@ class Commands:
 
         return import_official_checkpoint(checkpoint, out)
 
+    def suv(self, pet_dir: str, out: str, kind: str = "bw", allow_decay_none: bool = False) -> str:
+        """Convert a PET DICOM series to SUV (NIfTI, native PET grid) plus a JSON provenance sidecar (suv.json).
+
+        Args:
+            pet_dir: folder holding the PET series.
+            out: output .nii.gz (or .nii); the sidecar is written beside it with a .json extension.
+            kind: bw (body weight, g/ml), lbm (SUL, Janmahasatian, g/ml) or bsa (Du Bois, cm2/ml).
+            allow_decay_none: accept DecayCorrection NONE with the IBSI per-frame formula (refused by default).
+        """
+        from cipa_bundle.preprocessing.suv import write_suv
+
+        return str(write_suv(pet_dir, out, kind, allow_decay_none=allow_decay_none)[0])
+
+    def phantom(
+        self,
+        out_dir: str,
+        cases: int = 1,
+        seed: int = 0,
+        shift: str = "0,0,0",
+        vendor: str = "siemens",
+        size: str = "small",
+        noise: bool = True,
+        blur: bool = True,
+    ) -> list[str]:
+        """Write synthetic PET-CT studies (DICOM CT + PET, label.nii.gz, truth.json) with exactly known truth.
+
+        Args:
+            out_dir: parent folder; cases go to OUT_DIR/phantom_000, phantom_001, ...
+            cases: number of studies.
+            seed: random seed (same seed -> same bytes).
+            shift: "dx,dy,dz" mm (LPS): PET content displacement, as patient motion between CT and PET.
+            vendor: siemens, ge or philips (timing tags and units of that vendor).
+            size: small (CT 64x64x32) or clinical (CT 512x512x150, PET 4 mm).
+            noise: add PET and CT noise (--nonoise for exact values).
+            blur: blur the PET with a 6 mm FWHM PSF (--noblur for exact values).
+        """
+        from cipa_bundle.data.phantom import make_phantom_dataset
+
+        paths = make_phantom_dataset(out_dir, cases, seed, shift, vendor, size, noise, blur)
+        return [str(p) for p in paths]
+
+    def convert(self, study_dir: str, out_dir: str, register: str = "none", kind: str = "bw") -> dict[str, str]:
+        """Convert a DICOM PET-CT study to ct/suv/suv_ct/image NIfTIs and provenance.json (PET resampled onto CT).
+
+        Args:
+            study_dir: folder holding one CT and one PET series (searched recursively).
+            out_dir: output folder.
+            register: none (same frame of reference, identity) or rigid (gated rigid PET->CT refinement).
+            kind: SUV normalisation: bw (body weight), lbm (SUL) or bsa.
+        """
+        from cipa_bundle.preprocessing.convert import convert_study
+
+        return {k: str(v) for k, v in convert_study(study_dir, out_dir, register, kind).items()}
+
+    def evaluate(
+        self, pred: str, gt: str, out_dir: str = "eval", pred_name: str | None = None, gt_name: str | None = None
+    ) -> dict[str, Any]:
+        """Score predicted masks against ground truth: paper metrics + autoPET metrics -> metrics.csv, summary.json.
+
+        Args:
+            pred: a prediction NIfTI or a folder of them.
+            gt: the ground-truth NIfTI or a folder of them (cases paired by file name).
+            out_dir: where metrics.csv (one row per case) and summary.json are written.
+            pred_name: with per-case sub-folders, the prediction file name in each (e.g. mask.nii.gz).
+            gt_name: with per-case sub-folders, the ground-truth file name in each (e.g. label.nii.gz).
+        """
+        from cipa_bundle.metrics import evaluate_folder
+
+        return evaluate_folder(pred, gt, out_dir, pred_name=pred_name, gt_name=gt_name)
+
+    def datalist(
+        self,
+        source: str,
+        root: str,
+        out: str,
+        val_fraction: float = 0.2,
+        seed: int = 0,
+        label_name: str = "label.nii.gz",
+        test_list: str | None = None,
+        slices: bool = False,
+        tumour_free_fraction: float = 0.1,
+    ) -> str:
+        """Write a MONAI decathlon datalist JSON for a dataset folder (validation split by patient).
+
+        Args:
+            source: pclt20k (PNG slices + train.txt/test.txt), studies (convert output folders) or autopet.
+            root: the dataset folder; paths in the JSON are relative to it.
+            out: the JSON file to write.
+            val_fraction: share of training patients held out for validation (never taken from the test list).
+            seed: seeds the validation patients and the tumour-free slice choice.
+            label_name: label file in each study folder (studies only).
+            test_list: file of case or patient ids for the testing list (3-D sources).
+            slices: expand 3-D training/validation cases into axial slice items.
+            tumour_free_fraction: share of tumour-free slices kept with --slices.
+        """
+        from cipa_bundle.data.datalist import build_datalist
+
+        return str(
+            build_datalist(source, root, out, val_fraction, seed, label_name, test_list, slices, tumour_free_fraction)
+        )
+
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""

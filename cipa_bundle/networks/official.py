@@ -153,7 +153,7 @@ def import_official_checkpoint(checkpoint: str | os.PathLike[str], out: str | os
     Returns:
         The output path.
     """
-    from cipa_bundle.io.atomic import atomic_output
+    from cipa_bundle.io.nifti import atomic_outputs
     from cipa_bundle.networks.cipa import CIPA
 
     state = convert_official_state_dict(_state_dict_of(_load_checkpoint(checkpoint), checkpoint))
@@ -165,7 +165,7 @@ def import_official_checkpoint(checkpoint: str | os.PathLike[str], out: str | os
         details = [f"missing {missing[:5]}"] if missing else []
         details += [f"{k}: {tuple(state[k].shape)} != {tuple(expected[k].shape)}" for k in mismatched[:5]]
         raise OfficialKeyError(f"{checkpoint}: not the default CIPA configuration: " + "; ".join(details))
-    with atomic_output(out) as tmp:
+    with atomic_outputs([out]) as (tmp,):
         torch.save({k: v.contiguous() for k, v in state.items()}, tmp)
     logger.info("wrote %d tensors to %s", len(state), out)
     return str(out)

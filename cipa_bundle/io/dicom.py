@@ -1,0 +1,490 @@
+"""Read a DICOM image series (CT or PET, one single-frame file per slice) into a :class:`~cipa_bundle.io.volume.Volume`.
+
+What this module guarantees, and why:
+
+* **Discovery.** :func:`find_series` walks a folder recursively and keeps every file pydicom can parse that carries
+  an image (``Rows``/``Columns`` and a SeriesInstanceUID), grouped by SeriesInstanceUID. ``DICOMDIR`` files,
+  non-DICOM files and hidden files (names starting with ``.``, e.g. half-written temporaries) are skipped.
+* **Slice order** comes from geometry, never from InstanceNumber: slices are sorted by the projection of
+  ImagePositionPatient (IPP) onto the slice normal ``n = row x col`` of ImageOrientationPatient (IOP).
+* **Geometry** comes from IOP, IPP and PixelSpacing; the slice spacing comes from the sorted positions (not from
+  SliceThickness, which may overlap or be missing). DICOM patient space is LPS; the returned affine is RAS, the
+  :class:`Volume` convention.
+* **Refused geometry**, each with its own error class: missing geometry tags, multi-frame files, non-unit or
+  non-orthogonal IOP, IOP that differs between slices, mixed Rows/Columns or PixelSpacing, duplicate slice positions,
+  gantry tilt (slice positions drifting sideways, or a non-zero GantryDetectorTilt), non-uniform slice spacing.
+* **Intensities**: the modality LUT (RescaleSlope/RescaleIntercept, or a Modality LUT Sequence) is applied **per
+  instance**, because GE and Siemens PET change the slope on every slice. CT becomes HU with padding
+  (PixelPaddingValue, PixelPaddingRangeLimit) and anything below -1024 HU set to air (-1024).
+
+Tolerances (documented here, used below):
+
+* IOP: each cosine vector must have norm ``1 +- 1e-3`` and the two must have ``|r . c| <= 1e-3`` (DS values are
+  rounded to 16 characters, and some scanners write 6 decimals); slices may differ by at most ``1e-4`` per cosine.
+* Duplicate positions: two slices closer than ``1e-3`` mm along the normal.
+* Gantry tilt: between neighbouring slices the in-plane drift of IPP must be at most
+  ``1e-3 x gap + 1e-3`` mm (about 0.06 degrees), and GantryDetectorTilt (0018,1120) must be 0 within 1e-3 degrees.
+* Uniform spacing: every gap must be within 1% of the median gap (and within 0.01 mm for gaps under 1 mm), the
+  tolerance in the project's PET-CT notes; a missing slice therefore fails.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from cipa_bundle.errors import CipaInputError
+from cipa_bundle.io.volume import LPS_TO_RAS, Volume
+
+__all__ = [
+    "AIR_HU",
+    "DicomSeries",
+    "DicomSeriesError",
+    "DuplicatePositionError",
+    "GantryTiltError",
+    "InconsistentOrientationError",
+    "MissingGeometryError",
+    "MixedImageSizeError",
+    "MultipleSeriesError",
+    "NoSeriesFoundError",
+    "NonOrthogonalOrientationError",
+    "NonUniformSpacingError",
+    "UnsupportedImageError",
+    "find_series",
+    "read_series",
+    "sort_and_measure",
+]
+
+#: HU of air; CT padding and anything below it become this value.
+AIR_HU = -1024.0
+
+_IOP_NORM_TOL = 1e-3
+_IOP_ORTHO_TOL = 1e-3
+_IOP_CONSISTENT_TOL = 1e-4
+_DUPLICATE_TOL_MM = 1e-3
+_TILT_REL_TOL = 1e-3
+_TILT_ABS_TOL_MM = 1e-3
+_GANTRY_TILT_TOL_DEG = 1e-3
+_SPACING_REL_TOL = 0.01
+_SPACING_ABS_TOL_MM = 0.01
+_DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+
+
+# ---------------------------------------------------------------------------------------------------- errors
+class DicomSeriesError(CipaInputError):
+    """A folder or series that cannot be read as one regular image volume."""
+
+
+class NoSeriesFoundError(DicomSeriesError):
+    """No DICOM image series (of the requested modality / UID) under the given folder."""
+
+
+class MultipleSeriesError(DicomSeriesError):
+    """More than one series matches and the caller did not say which one to read."""
+
+
+class MissingGeometryError(DicomSeriesError):
+    """An instance lacks (or has an unreadable) ImagePositionPatient, ImageOrientationPatient or PixelSpacing."""
+
+
+class UnsupportedImageError(DicomSeriesError):
+    """Multi-frame or otherwise unsupported image storage (only single-frame, single-sample images are read)."""
+
+
+class NonOrthogonalOrientationError(DicomSeriesError):
+    """ImageOrientationPatient cosines are not unit length or not orthogonal."""
+
+
+class InconsistentOrientationError(DicomSeriesError):
+    """ImageOrientationPatient differs between instances of the series."""
+
+
+class MixedImageSizeError(DicomSeriesError):
+    """Rows, Columns or PixelSpacing differ between instances of the series."""
+
+
+class DuplicatePositionError(DicomSeriesError):
+    """Two instances sit at the same position along the slice normal."""
+
+
+class GantryTiltError(DicomSeriesError):
+    """Slices are sheared (gantry tilt): positions drift within the image plane, so the grid is not orthogonal."""
+
+
+class NonUniformSpacingError(DicomSeriesError):
+    """Slice gaps differ by more than the documented tolerance (often a missing slice)."""
+
+
+# ---------------------------------------------------------------------------------------------------- result
+@dataclass
+class DicomSeries:
+    """One DICOM image series read into a volume.
+
+    Attributes:
+        volume: float32 ``(I, J, K)`` = [column, row, slice] values after the per-instance modality LUT (HU for CT,
+            the PET ``Units`` for PET), with a voxel-to-RAS affine; ``k`` increases along ``row x col`` of IOP.
+        datasets: the instance headers in ``k`` order (PixelData dropped unless asked to keep it).
+        files: the instance files in ``k`` order.
+        modality: Modality (0008,0060), e.g. ``"CT"`` or ``"PT"``.
+        series_uid: SeriesInstanceUID.
+        study_uid: StudyInstanceUID (empty if absent).
+        frame_of_reference_uid: FrameOfReferenceUID (empty if absent).
+    """
+
+    volume: Volume
+    datasets: list[Dataset]
+    files: list[Path]
+    modality: str
+    series_uid: str
+    study_uid: str
+    frame_of_reference_uid: str
+
+
+# ---------------------------------------------------------------------------------------------------- discovery
+def _iter_files(folder: Path) -> Iterable[Path]:
+    """Every regular, non-hidden file under ``folder`` in a stable (sorted) order."""
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(names):
+            if not name.startswith(".") and name.upper() != "DICOMDIR":
+                yield Path(root) / name
+
+
+def _read_header(path: Path) -> Dataset | None:
+    """The header of an image instance, or ``None`` if ``path`` is not a readable DICOM image."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception:  # noqa: BLE001
+        # pydicom raises many different errors on random bytes; a stray file must never stop the scan of a folder.
+        return None
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and str(meta.get("MediaStorageSOPClassUID", "")) == _DICOMDIR_SOP_CLASS:
+        return None
+    if "Rows" not in ds or "Columns" not in ds or not ds.get("SeriesInstanceUID"):
+        return None
+    return ds
+
+
+def find_series(folder: str | os.PathLike[str]) -> dict[str, list[Path]]:
+    """Find every DICOM image series under ``folder`` (recursive).
+
+    Args:
+        folder: a directory.
+
+    Returns:
+        ``{SeriesInstanceUID: [files]}``, files in path order (not yet in slice order), series in order of first file.
+
+    Raises:
+        NoSeriesFoundError: ``folder`` is not a directory.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise NoSeriesFoundError(f"{root}: not a directory (expected a folder holding a DICOM series)")
+    groups: dict[str, list[Path]] = {}
+    for path in _iter_files(root):
+        ds = _read_header(path)
+        if ds is not None:
+            groups.setdefault(str(ds.SeriesInstanceUID), []).append(path)
+    return groups
+
+
+def _select_series(
+    folder: Path, modality: str | None, series_uid: str | None
+) -> list[Path]:
+    """The files of the one series in ``folder`` matching ``modality`` / ``series_uid``."""
+    groups = find_series(folder)
+    if series_uid is not None:
+        if series_uid not in groups:
+            raise NoSeriesFoundError(
+                f"{folder}: no series with SeriesInstanceUID={series_uid!r}; found {sorted(groups)}"
+            )
+        return groups[series_uid]
+    candidates: list[tuple[str, str, list[Path]]] = []
+    for uid, files in groups.items():
+        mod = str(pydicom.dcmread(files[0], stop_before_pixels=True).get("Modality", ""))
+        if modality is None or mod == modality:
+            candidates.append((uid, mod, files))
+    if not candidates:
+        wanted = f" with Modality={modality}" if modality else ""
+        found = ", ".join(
+            f"{uid} (Modality={pydicom.dcmread(f[0], stop_before_pixels=True).get('Modality', '?')})"
+            for uid, f in groups.items()
+        )
+        raise NoSeriesFoundError(
+            f"{folder}: no DICOM image series{wanted} found" + (f"; found {found}" if found else "")
+        )
+    if len(candidates) > 1:
+        listing = "; ".join(f"{uid} (Modality={mod}, {len(files)} files)" for uid, mod, files in candidates)
+        raise MultipleSeriesError(
+            f"{folder}: {len(candidates)} series found ({listing}); expected one, pass series_uid= to choose"
+        )
+    return candidates[0][2]
+
+
+# ---------------------------------------------------------------------------------------------------- geometry
+def _floats(ds: Dataset, keyword: str, tag: str, count: int, path: Path) -> np.ndarray:
+    """``count`` floats from a multi-valued DS tag, or :class:`MissingGeometryError` naming file, tag and value."""
+    value = ds.get(keyword)
+    try:
+        values = np.array([float(v) for v in value], dtype=np.float64) if value is not None else None
+    except (TypeError, ValueError):
+        values = None
+    if values is None or values.shape != (count,) or not np.all(np.isfinite(values)):
+        raise MissingGeometryError(
+            f"{path}: {keyword} {tag} = {value!r}; expected {count} finite numbers"
+        )
+    return values
+
+
+def sort_and_measure(
+    datasets: Sequence[Dataset], files: Sequence[Path]
+) -> tuple[list[int], np.ndarray]:
+    """Order instances along the slice normal and build the voxel-to-RAS affine, checking the grid is regular.
+
+    Args:
+        datasets: instance headers (any order).
+        files: their paths, for error messages.
+
+    Returns:
+        ``(order, affine)``: indices into ``datasets`` in ``k`` order, and the ``(4, 4)`` voxel-to-RAS affine (mm).
+
+    Raises:
+        MissingGeometryError, UnsupportedImageError, NonOrthogonalOrientationError, InconsistentOrientationError,
+        MixedImageSizeError, DuplicatePositionError, GantryTiltError, NonUniformSpacingError.
+    """
+    paths = [Path(p) for p in files]
+    first = paths[0]
+    iops = [_floats(ds, "ImageOrientationPatient", "(0020,0037)", 6, p) for ds, p in zip(datasets, paths)]
+    ipps = [_floats(ds, "ImagePositionPatient", "(0020,0032)", 3, p) for ds, p in zip(datasets, paths)]
+    spacings = [_floats(ds, "PixelSpacing", "(0028,0030)", 2, p) for ds, p in zip(datasets, paths)]
+
+    for ds, p in zip(datasets, paths):
+        frames = ds.get("NumberOfFrames")
+        if frames is not None and int(frames) > 1:
+            raise UnsupportedImageError(f"{p}: NumberOfFrames (0028,0008) = {frames}; expected single-frame images")
+        if int(ds.get("SamplesPerPixel", 1)) != 1:
+            raise UnsupportedImageError(
+                f"{p}: SamplesPerPixel (0028,0002) = {ds.SamplesPerPixel}; expected 1 (greyscale)"
+            )
+        tilt = ds.get("GantryDetectorTilt")
+        if tilt not in (None, "") and abs(float(tilt)) > _GANTRY_TILT_TOL_DEG:
+            raise GantryTiltError(
+                f"{p}: GantryDetectorTilt (0018,1120) = {tilt}; expected 0 (tilted acquisitions are not resampled)"
+            )
+
+    iop0 = iops[0]
+    row, col = iop0[:3], iop0[3:]
+    norms = (float(np.linalg.norm(row)), float(np.linalg.norm(col)))
+    dot = float(row @ col)
+    if abs(norms[0] - 1) > _IOP_NORM_TOL or abs(norms[1] - 1) > _IOP_NORM_TOL or abs(dot) > _IOP_ORTHO_TOL:
+        raise NonOrthogonalOrientationError(
+            f"{first}: ImageOrientationPatient (0020,0037) = {iop0.tolist()} has cosine norms {norms} and dot product "
+            f"{dot:.3g}; expected two orthogonal unit vectors"
+        )
+    for iop, p in zip(iops, paths):
+        if np.max(np.abs(iop - iop0)) > _IOP_CONSISTENT_TOL:
+            raise InconsistentOrientationError(
+                f"{p}: ImageOrientationPatient (0020,0037) = {iop.tolist()} differs from {first}'s {iop0.tolist()}; "
+                "expected one orientation for the whole series"
+            )
+    sizes = {(int(ds.Rows), int(ds.Columns)) for ds in datasets}
+    if len(sizes) > 1:
+        raise MixedImageSizeError(
+            f"{first.parent}: Rows x Columns (0028,0010)/(0028,0011) take {len(sizes)} values {sorted(sizes)}; "
+            "expected one image size for the series"
+        )
+    for sp, p in zip(spacings, paths):
+        if np.max(np.abs(sp - spacings[0])) > 1e-4 or np.any(sp <= 0):
+            raise MixedImageSizeError(
+                f"{p}: PixelSpacing (0028,0030) = {sp.tolist()}; expected positive values equal to {first}'s "
+                f"{spacings[0].tolist()}"
+            )
+
+    # Re-orthonormalise so the affine is exactly orthogonal despite 16-character DS rounding.
+    row = row / np.linalg.norm(row)
+    col = col - (col @ row) * row
+    col = col / np.linalg.norm(col)
+    normal = np.cross(row, col)
+    heights = np.array([ipp @ normal for ipp in ipps])
+    order = [int(i) for i in np.argsort(heights, kind="stable")]
+    sorted_heights = heights[order]
+    sorted_ipps = [ipps[i] for i in order]
+
+    row_spacing, col_spacing = float(spacings[0][0]), float(spacings[0][1])
+    if len(order) == 1:
+        thickness = datasets[0].get("SpacingBetweenSlices") or datasets[0].get("SliceThickness") or 1.0
+        slice_spacing = abs(float(thickness)) or 1.0
+    else:
+        gaps = np.diff(sorted_heights)
+        for n, gap in enumerate(gaps):
+            if gap < _DUPLICATE_TOL_MM:
+                a, b = paths[order[n]], paths[order[n + 1]]
+                raise DuplicatePositionError(
+                    f"{b}: ImagePositionPatient (0020,0032) = {sorted_ipps[n + 1].tolist()} lies {gap:.3g} mm from "
+                    f"{a}'s along the slice normal; expected distinct slice positions"
+                )
+            drift = sorted_ipps[n + 1] - sorted_ipps[n] - gap * normal
+            if np.linalg.norm(drift) > _TILT_REL_TOL * gap + _TILT_ABS_TOL_MM:
+                angle = float(np.degrees(np.arctan2(np.linalg.norm(drift), gap)))
+                raise GantryTiltError(
+                    f"{paths[order[n + 1]]}: ImagePositionPatient (0020,0032) = {sorted_ipps[n + 1].tolist()} drifts "
+                    f"{np.linalg.norm(drift):.3g} mm within the image plane from the previous slice (tilt about "
+                    f"{angle:.2f} deg); expected slices stacked along the IOP normal (no gantry tilt)"
+                )
+        # The median gap is the reference, so one missing slice is reported as the odd one out.
+        typical = float(np.median(gaps))
+        tol = max(_SPACING_REL_TOL * typical, min(_SPACING_ABS_TOL_MM, typical))
+        worst = int(np.argmax(np.abs(gaps - typical)))
+        if abs(gaps[worst] - typical) > tol:
+            raise NonUniformSpacingError(
+                f"{paths[order[worst + 1]]}: slice gap {gaps[worst]:.4g} mm (ImagePositionPatient (0020,0032)) "
+                f"differs from the median gap {typical:.4g} mm by more than {tol:.3g} mm; expected uniform slice "
+                "spacing (is a slice missing?)"
+            )
+        slice_spacing = float((sorted_heights[-1] - sorted_heights[0]) / (len(order) - 1))
+
+    lps = np.eye(4)
+    lps[:3, 0] = row * col_spacing  # i runs along a row, i.e. across columns
+    lps[:3, 1] = col * row_spacing
+    lps[:3, 2] = normal * slice_spacing
+    lps[:3, 3] = sorted_ipps[0]
+    return order, LPS_TO_RAS @ lps
+
+
+# ---------------------------------------------------------------------------------------------------- pixels
+def _rescale(ds: Dataset, keyword: str, tag: str, default: float, path: Path) -> float:
+    """RescaleSlope/RescaleIntercept as a float (``default`` when absent or empty)."""
+    value = ds.get(keyword)
+    if value is None or str(value).strip() == "":
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number) or (keyword == "RescaleSlope" and number == 0):
+        raise UnsupportedImageError(
+            f"{path}: {keyword} {tag} = {str(value)!r}; expected a finite number"
+            + (" other than 0" if keyword == "RescaleSlope" else "")
+        )
+    return number
+
+
+def _modality_values(ds: Dataset, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(stored, values)`` as ``(Rows, Columns)`` arrays: raw stored integers and the modality-LUT output."""
+    try:
+        stored = ds.pixel_array
+    except Exception as err:  # pydicom raises many types for broken/compressed pixel data
+        raise UnsupportedImageError(
+            f"{path}: PixelData (7FE0,0010) cannot be decoded ({err}); expected image pixels"
+        ) from err
+    if stored.ndim != 2:
+        raise UnsupportedImageError(f"{path}: pixel array has shape {stored.shape}; expected one 2-D frame")
+    if "ModalityLUTSequence" in ds:
+        from pydicom.pixels import apply_modality_lut
+
+        return stored, np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+    slope = _rescale(ds, "RescaleSlope", "(0028,1053)", 1.0, path)
+    intercept = _rescale(ds, "RescaleIntercept", "(0028,1052)", 0.0, path)
+    return stored, stored.astype(np.float64) * slope + intercept
+
+
+def _ct_air(stored: np.ndarray, hu: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Set CT padding (PixelPaddingValue..PixelPaddingRangeLimit, in stored units) and HU below air to air."""
+    out = np.maximum(hu, AIR_HU)
+    pad = ds.get("PixelPaddingValue")
+    if pad is not None and pad != "":
+        limit = ds.get("PixelPaddingRangeLimit")
+        lo, hi = (int(pad), int(limit)) if limit not in (None, "") else (int(pad), int(pad))
+        lo, hi = min(lo, hi), max(lo, hi)
+        out[(stored >= lo) & (stored <= hi)] = AIR_HU
+    return out
+
+
+def read_series(
+    source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    *,
+    modality: str | None = None,
+    series_uid: str | None = None,
+    keep_pixel_data: bool = False,
+) -> DicomSeries:
+    """Read one DICOM image series into a float32 :class:`Volume` with a RAS affine.
+
+    Args:
+        source: a folder (searched recursively; it must hold exactly one series matching ``modality`` /
+            ``series_uid``) or an explicit list of instance files of one series.
+        modality: keep only series with this Modality (e.g. ``"CT"``, ``"PT"``).
+        series_uid: read this SeriesInstanceUID.
+        keep_pixel_data: keep PixelData in the returned headers (dropped by default to save memory).
+
+    Returns:
+        The :class:`DicomSeries`. For CT the values are HU with padding and anything below -1024 set to -1024; for
+        other modalities they are ``stored x RescaleSlope + RescaleIntercept`` of each instance.
+
+    Raises:
+        DicomSeriesError: (a subclass of ``CipaInputError``) for any of the problems listed in the module docstring.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        folder = Path(source)
+        files = _select_series(folder, modality, series_uid)
+    else:
+        files = [Path(p) for p in source]
+        if not files:
+            raise NoSeriesFoundError("empty file list; expected the files of one DICOM series")
+    datasets: list[Dataset] = []
+    for path in files:
+        try:
+            datasets.append(pydicom.dcmread(path))
+        except (InvalidDicomError, OSError) as err:
+            raise NoSeriesFoundError(f"{path}: not a readable DICOM file ({err})") from err
+    uids = {str(ds.get("SeriesInstanceUID", "")) for ds in datasets}
+    if len(uids) > 1:
+        raise MultipleSeriesError(f"{files[0].parent}: files belong to {len(uids)} series {sorted(uids)}; expected one")
+    modalities = {str(ds.get("Modality", "")) for ds in datasets}
+    if len(modalities) > 1:
+        raise MultipleSeriesError(
+            f"{files[0].parent}: Modality (0008,0060) takes values {sorted(modalities)}; expected one"
+        )
+    mod = modalities.pop()
+    if modality is not None and mod != modality:
+        raise NoSeriesFoundError(f"{files[0]}: Modality (0008,0060) = {mod!r}; expected {modality!r}")
+
+    order, affine = sort_and_measure(datasets, files)
+    datasets = [datasets[i] for i in order]
+    files = [files[i] for i in order]
+    rows, cols = int(datasets[0].Rows), int(datasets[0].Columns)
+    array = np.empty((cols, rows, len(datasets)), dtype=np.float32)
+    for k, (ds, path) in enumerate(zip(datasets, files)):
+        stored, values = _modality_values(ds, path)
+        if mod == "CT":
+            values = _ct_air(stored, values, ds)
+        array[:, :, k] = values.T  # DICOM pixel rows are j, columns are i
+        if not keep_pixel_data and "PixelData" in ds:
+            del ds.PixelData
+
+    first = datasets[0]
+    meta: dict[str, Any] = {
+        "modality": mod,
+        "series_uid": str(first.get("SeriesInstanceUID", "")),
+        "study_uid": str(first.get("StudyInstanceUID", "")),
+        "frame_of_reference_uid": str(first.get("FrameOfReferenceUID", "")),
+        "units": "HU" if mod == "CT" else str(first.get("Units", "")),
+        "source_dir": str(files[0].parent),
+    }
+    return DicomSeries(
+        volume=Volume(array, affine, meta),
+        datasets=datasets,
+        files=files,
+        modality=mod,
+        series_uid=meta["series_uid"],
+        study_uid=meta["study_uid"],
+        frame_of_reference_uid=meta["frame_of_reference_uid"],
+    )

@@ -1,0 +1,180 @@
+"""Atomic NIfTI and JSON writers: an output file is either complete or absent, never half-written.
+
+Every writer here builds the whole file under a temporary name in the *same* folder (so the final rename is a
+same-filesystem ``os.replace``, which is atomic on POSIX and Windows) and removes the temporary on any failure.
+:func:`atomic_outputs` extends this to several files that belong together (a NIfTI and its JSON sidecar): none of
+them appears unless all of them were written.
+
+``.nii.gz`` files are gzipped here rather than by nibabel, with a zero gzip timestamp, so the same volume always
+gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cipa_bundle.io.volume import Volume
+
+__all__ = [
+    "atomic_outputs",
+    "json_text",
+    "nifti_bytes",
+    "save_json",
+    "save_nifti",
+    "save_nifti_with_sidecar",
+    "sidecar_path",
+]
+
+#: gzip level for .nii.gz: 1 is what nibabel uses by default; higher levels cost seconds on clinical volumes.
+_GZIP_LEVEL = 1
+
+
+def _temp_name(path: Path) -> Path:
+    """A temporary sibling of ``path`` (matches the repository's ``*.nii.gz.tmp*`` ignore pattern)."""
+    return path.with_name(f"{path.name}.tmp{os.getpid()}")
+
+
+@contextlib.contextmanager
+def atomic_outputs(paths: Sequence[str | os.PathLike[str]]) -> Iterator[list[Path]]:
+    """Write several files all-or-nothing.
+
+    Yields temporary paths (same folders as ``paths``) to write to. On normal exit every temporary is renamed onto its
+    final path; on an exception inside the block the temporaries are deleted and no final file is touched. If a rename
+    itself fails, the finals renamed so far are removed again, so a partial set never remains.
+
+    Args:
+        paths: the final output paths; their parent folders are created.
+
+    Yields:
+        The temporary paths, in the same order.
+    """
+    finals = [Path(p) for p in paths]
+    temps = [_temp_name(p) for p in finals]
+    for final in finals:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    done: list[Path] = []
+    try:
+        yield temps
+        for temp, final in zip(temps, finals):
+            os.replace(temp, final)
+            done.append(final)
+    except BaseException:
+        for path in temps + done:
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+        raise
+
+
+def nifti_bytes(image: Any, *, gz: bool) -> bytes:
+    """The bytes of a NIfTI file for ``image`` (a :class:`Volume` or a ``nibabel`` NIfTI image).
+
+    Spatial units are set to mm. With ``gz`` the bytes are gzipped with a zero timestamp (reproducible).
+    """
+    img = image.to_nifti() if isinstance(image, Volume) else image
+    img.header.set_xyzt_units("mm", "sec")
+    raw = img.to_bytes()
+    if not gz:
+        return raw
+    return gzip.compress(raw, compresslevel=_GZIP_LEVEL, mtime=0)
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def save_nifti(image: Any, path: str | os.PathLike[str]) -> Path:
+    """Save a :class:`Volume` or ``nibabel`` image to ``path`` (``.nii`` or ``.nii.gz``) atomically.
+
+    Args:
+        image: a :class:`~cipa_bundle.io.volume.Volume` (array ``(I, J, K[, C])``, RAS affine in mm) or a
+            ``nibabel.Nifti1Image``.
+        path: output path ending in ``.nii`` or ``.nii.gz``.
+
+    Returns:
+        ``path`` as a :class:`Path`.
+
+    Raises:
+        ValueError: ``path`` does not end in ``.nii`` or ``.nii.gz``.
+    """
+    final = Path(path)
+    name = final.name.lower()
+    if not (name.endswith(".nii") or name.endswith(".nii.gz")):
+        raise ValueError(f"NIfTI output {final} must end in .nii or .nii.gz")
+    data = nifti_bytes(image, gz=name.endswith(".gz"))
+    with atomic_outputs([final]) as (temp,):
+        _write_bytes(temp, data)
+    return final
+
+
+def _json_default(obj: Any) -> Any:
+    """numpy scalars/arrays and paths into JSON types."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def json_text(obj: Any) -> str:
+    """Indented JSON with numpy support; NaN/inf are refused (they are not JSON)."""
+    return json.dumps(obj, indent=2, allow_nan=False, default=_json_default) + "\n"
+
+
+def save_json(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """Write ``obj`` as indented JSON to ``path`` atomically (numpy scalars and arrays allowed; NaN refused)."""
+    final = Path(path)
+    text = json_text(obj)
+    with atomic_outputs([final]) as (temp,):
+        _write_bytes(temp, text.encode("utf-8"))
+    return final
+
+
+def save_nifti_with_sidecar(
+    image: Any, path: str | os.PathLike[str], sidecar: Any, sidecar_file: str | os.PathLike[str] | None = None
+) -> tuple[Path, Path]:
+    """Save a NIfTI and its JSON sidecar together: both appear, or (on any failure) neither does.
+
+    Args:
+        image: a :class:`Volume` or ``nibabel`` image.
+        path: ``.nii`` / ``.nii.gz`` output path.
+        sidecar: JSON-serialisable object (e.g. a provenance record's ``to_dict()``).
+        sidecar_file: where to write the JSON; default :func:`sidecar_path` of ``path``.
+
+    Returns:
+        ``(nifti_path, json_path)``.
+    """
+    final = Path(path)
+    name = final.name.lower()
+    if not (name.endswith(".nii") or name.endswith(".nii.gz")):
+        raise ValueError(f"NIfTI output {final} must end in .nii or .nii.gz")
+    json_file = Path(sidecar_file) if sidecar_file is not None else sidecar_path(final)
+    # Serialise both before touching the disk, so a bad value fails with nothing written.
+    text = json_text(sidecar).encode("utf-8")
+    data = nifti_bytes(image, gz=name.endswith(".gz"))
+    with atomic_outputs([final, json_file]) as (temp_nii, temp_json):
+        _write_bytes(temp_nii, data)
+        _write_bytes(temp_json, text)
+    return final, json_file
+
+
+def sidecar_path(nifti_path: str | os.PathLike[str]) -> Path:
+    """The JSON sidecar of a NIfTI file, BIDS-style: ``suv.nii.gz`` -> ``suv.json``, ``x.nii`` -> ``x.json``."""
+    path = Path(nifti_path)
+    name = path.name
+    for ext in (".nii.gz", ".nii"):
+        if name.lower().endswith(ext):
+            return path.with_name(name[: -len(ext)] + ".json")
+    return path.with_name(name + ".json")
