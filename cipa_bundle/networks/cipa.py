@@ -94,6 +94,9 @@ class CIPA(nn.Module):
                 f"CIPA expects input of shape (B, 2, {self.img_size[0]}, {self.img_size[1]}) with channel 0 = CT and "
                 f"channel 1 = PET, got {tuple(x.shape)}"
             )
+        # Plain tensors inside: a MetaTensor would carry its metadata through hundreds of small ops, which costs more
+        # than the ops themselves at demo sizes. Callers (SliceInferer, Invertd) keep the metadata outside.
+        x = x.as_subclass(torch.Tensor)
         batch = x.shape[0]
         # Both modalities go through the shared encoder in one batch: identical to two calls (the encoder has
         # no batch statistics) and faster.

@@ -1,0 +1,143 @@
+"""The bundle's training workflows, run through MONAI's own tooling on the synthetic dataset."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cipa_bundle.data.demo import build_synthetic_dataset, prepare_datalist
+from cipa_bundle.errors import CipaInputError
+from tests.conftest import REPO_ROOT
+
+TINY_OVERLAY = str(REPO_ROOT / "configs" / "demo.json")
+TRAIN = str(REPO_ROOT / "configs" / "train.json")
+
+
+@pytest.fixture(scope="module")
+def synthetic_dataset(tmp_path_factory) -> Path:
+    """Three phantom studies (train, validation, held-out test), converted and listed once for the module."""
+    root = tmp_path_factory.mktemp("data") / "synthetic"
+    build_synthetic_dataset(root, cases=3, seed=3, val_fraction=0.5)
+    return root
+
+
+def _bundle_command(bundle_root: Path, dataset: Path, *extra: str, configs: list[str] | None = None) -> list[str]:
+    files = configs or [TRAIN, TINY_OVERLAY]
+    return [
+        sys.executable, "-m", "monai.bundle", "run", "training",
+        "--config_file", str(files),
+        "--meta_file", str(REPO_ROOT / "configs" / "metadata.json"),
+        "--logging_file", str(REPO_ROOT / "configs" / "logging.conf"),
+        "--bundle_root", str(bundle_root),
+        "--dataset_dir", str(dataset),
+        "--batch_size", "4",
+        *extra,
+    ]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "2", **extra}
+    env.pop("CIPA_SCAN_BACKEND", None)
+    return env
+
+
+def test_training_runs_through_monai_bundle_and_writes_checkpoints(tmp_path, synthetic_dataset):
+    result = subprocess.run(
+        _bundle_command(tmp_path, synthetic_dataset, "--epochs", "1"), cwd=REPO_ROOT, env=_env(),
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "models" / "model.pt").is_file()  # best by validation IoU
+    assert (tmp_path / "models" / "latest_checkpoint_epoch=1.pt").is_file()
+    assert list((tmp_path / "eval").glob("events.out.tfevents.*"))  # TensorBoard
+    assert "val_iou" in result.stderr + result.stdout
+
+
+def test_custom_code_resolves_from_another_directory_without_installation(tmp_path, synthetic_dataset):
+    """A copy of the bundle, run from an unrelated folder with only the bundle root on sys.path."""
+    bundle = tmp_path / "cipa_bundle_copy"
+    shutil.copytree(REPO_ROOT / "cipa_bundle", bundle / "cipa_bundle", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO_ROOT / "configs", bundle / "configs")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = _env(PYTHONPATH=str(bundle))
+    located = subprocess.run([sys.executable, "-c", "import cipa_bundle; print(cipa_bundle.__file__)"], cwd=elsewhere,
+                             env=env, capture_output=True, text=True, check=True)
+    assert Path(located.stdout.strip()).is_relative_to(bundle)
+    configs = [str(bundle / "configs" / "train.json"), str(bundle / "configs" / "demo.json")]
+    command = _bundle_command(bundle, synthetic_dataset, "--epochs", "1", "--val_interval", "2", configs=configs)
+    result = subprocess.run(command, cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (bundle / "models" / "latest_checkpoint_epoch=1.pt").is_file()
+
+
+def test_training_resumes_from_the_latest_checkpoint_after_a_kill(tmp_path, synthetic_dataset):
+    command = _bundle_command(tmp_path, synthetic_dataset, "--epochs", "3", "--val_interval", "5")
+    log = open(tmp_path / "first.log", "w")
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    first = tmp_path / "models" / "latest_checkpoint_epoch=1.pt"
+    deadline = time.time() + 600
+    while not first.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(1.0)  # let the atomic checkpoint rename settle before the kill
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert first.exists(), (tmp_path / "first.log").read_text()[-3000:]
+    assert not (tmp_path / "models" / "latest_checkpoint_epoch=3.pt").exists()  # it really was interrupted
+
+    result = subprocess.run(command, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "Epoch: 1/3" not in output  # epoch 1 was not trained again
+    assert "Epoch: 3/3" in output
+    assert (tmp_path / "models" / "latest_checkpoint_epoch=3.pt").is_file()
+
+
+def test_evaluate_overlay_scores_the_best_checkpoint(tmp_path, synthetic_dataset):
+    train = subprocess.run(_bundle_command(tmp_path, synthetic_dataset, "--epochs", "1"), cwd=REPO_ROOT, env=_env(),
+                           capture_output=True, text=True, timeout=600)
+    assert train.returncode == 0, train.stderr[-3000:]
+    command = _bundle_command(tmp_path, synthetic_dataset,
+                              configs=[TRAIN, TINY_OVERLAY, str(REPO_ROOT / "configs" / "evaluate.json")])
+    command[command.index("training")] = "run"
+    result = subprocess.run(command, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = (tmp_path / "eval" / "metrics.csv").read_text()
+    assert {"val_iou", "val_dice", "val_acc"} <= {line.replace("\t", ",").split(",")[0] for line in saved.splitlines()}
+
+
+@pytest.mark.parametrize("files", [["train.json"], ["train.json", "evaluate.json"], ["train.json", "demo.json"]])
+def test_check_properties_is_clean(files, tmp_path, synthetic_dataset):
+    from monai.bundle import ConfigWorkflow
+
+    workflow = ConfigWorkflow(
+        config_file=[str(REPO_ROOT / "configs" / f) for f in files], workflow_type="train", logging_file=False,
+        meta_file=str(REPO_ROOT / "configs" / "metadata.json"),
+        bundle_root=str(tmp_path), dataset_dir=str(synthetic_dataset),
+    )
+    workflow.initialize()
+    assert workflow.check_properties() == []
+
+
+def test_train_defines_the_run_ids_monai_and_users_call():
+    config = json.loads((REPO_ROOT / "configs" / "train.json").read_text())
+    assert "training" in config and config["run"] == "%training"
+    assert not any("cipa_bundle" in line for line in config["initialize"])  # the bundle root joins sys.path only in run()
+
+
+def test_prepare_datalist_refuses_to_write_into_user_data(tmp_path):
+    (tmp_path / "my_scans").mkdir()
+    (tmp_path / "my_scans" / "patient1.nii.gz").write_bytes(b"not ours")
+    with pytest.raises(CipaInputError, match="not empty"):
+        prepare_datalist(tmp_path / "my_scans" / "datalist.json", tmp_path / "my_scans")
+    with pytest.raises(CipaInputError, match="cipa-bundle datalist"):
+        prepare_datalist(tmp_path / "nothing" / "datalist.json", tmp_path / "nothing", synthesize_if_missing=False)
