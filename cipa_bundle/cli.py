@@ -28,6 +28,19 @@ class Commands:
 
         return model_summary(img_size=img_size, dims=dims, batch=batch, forward=forward)
 
+    def demo(self, out_dir: str = "demo_output", cases: int = 8, epochs: int | None = None, seed: int = 0) -> None:
+        """The main job: synthetic PET-CT studies -> bundle training -> predict on a held-out DICOM study -> Dice.
+
+        Args:
+            out_dir: where the dataset, checkpoints, TensorBoard logs and prediction outputs go.
+            cases: phantom studies to generate (the last one is held out).
+            epochs: training epochs (default from configs/demo.json).
+            seed: phantom seed.
+        """
+        from cipa_bundle.demo import run_demo
+
+        run_demo(out_dir=out_dir, cases=cases, epochs=epochs, seed=seed)
+
     def import_official(self, checkpoint: str, out: str) -> str:
         """Convert the released official CIPA checkpoint (CIPA.pth) into this bundle's state_dict (models/model.pt)."""
         from cipa_bundle.networks.official import import_official_checkpoint
@@ -87,6 +100,51 @@ class Commands:
         from cipa_bundle.preprocessing.convert import convert_study
 
         return {k: str(v) for k, v in convert_study(study_dir, out_dir, register, kind).items()}
+
+    def predict(
+        self,
+        input: str,
+        out_dir: str,
+        checkpoint: str | None = None,
+        pet: str | None = None,
+        img_size: int | None = None,
+        network_width: int | None = None,
+        encoder_depths: list[int] | None = None,
+        decoder_depths: list[int] | None = None,
+        sw_batch_size: int | None = None,
+        probabilities: bool = False,
+        device: str | None = None,
+        register: str = "none",
+        kind: str = "bw",
+        override: dict[str, Any] | None = None,
+        keep_intermediate: bool = False,
+    ) -> dict[str, str]:
+        """Segment lung tumours in one study: mask.nii.gz, seg.dcm (DICOM input), PNG overlays and report.json.
+
+        Args:
+            input: a DICOM study folder, a fused 2-channel image.nii.gz, a CT NIfTI (with --pet), "CT,PET" NIfTIs,
+                or a folder with ct.nii.gz + suv.nii.gz (or autoPET's CTres.nii.gz + SUV.nii.gz).
+            out_dir: output folder.
+            checkpoint: CIPA state_dict (default models/model.pt of the bundle).
+            pet: PET NIfTI in SUV when INPUT is a CT NIfTI in HU.
+            img_size, network_width, encoder_depths, decoder_depths: network size (default: read from the checkpoint).
+            sw_batch_size: slices per network call.
+            probabilities: also write probabilities.nii.gz.
+            device: torch device, e.g. cpu or cuda:0 (default CUDA when available).
+            register: DICOM input: none or rigid PET->CT registration.
+            kind: DICOM input: SUV normalisation bw, lbm or bsa.
+            override: more inference.json ids, e.g. "{'min_lesion_ml': 0.5}".
+            keep_intermediate: keep the converted inputs in OUT_DIR/intermediate.
+        """
+        from cipa_bundle.inference.predict import predict
+
+        written = predict(
+            input, out_dir, checkpoint, pet=pet, img_size=img_size, network_width=network_width,
+            encoder_depths=encoder_depths, decoder_depths=decoder_depths, sw_batch_size=sw_batch_size,
+            probabilities=probabilities, device=device, register=register, suv_kind=kind, overrides=override,
+            keep_intermediate=keep_intermediate,
+        )
+        return {k: str(v) for k, v in written.items()}
 
     def evaluate(
         self, pred: str, gt: str, out_dir: str = "eval", pred_name: str | None = None, gt_name: str | None = None

@@ -49,38 +49,50 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def test_training_runs_through_monai_bundle_and_writes_checkpoints(tmp_path, synthetic_dataset):
-    result = subprocess.run(
-        _bundle_command(tmp_path, synthetic_dataset, "--epochs", "1"), cwd=REPO_ROOT, env=_env(),
-        capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "models" / "model.pt").is_file()  # best by validation IoU
-    assert (tmp_path / "models" / "latest_checkpoint_epoch=1.pt").is_file()
-    assert list((tmp_path / "eval").glob("events.out.tfevents.*"))  # TensorBoard
-    assert "val_iou" in result.stderr + result.stdout
-
-
-def test_custom_code_resolves_from_another_directory_without_installation(tmp_path, synthetic_dataset):
-    """A copy of the bundle, run from an unrelated folder with only the bundle root on sys.path."""
-    bundle = tmp_path / "cipa_bundle_copy"
+@pytest.fixture(scope="module")
+def trained_copy(tmp_path_factory, synthetic_dataset) -> tuple[Path, subprocess.CompletedProcess]:
+    """One epoch of training through ``python -m monai.bundle``, from an unrelated working directory, on a copy of
+    the bundle that is not pip-installed: only its root is on ``sys.path``."""
+    tmp = tmp_path_factory.mktemp("bundle")
+    bundle = tmp / "cipa_bundle_copy"
     shutil.copytree(REPO_ROOT / "cipa_bundle", bundle / "cipa_bundle", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(REPO_ROOT / "configs", bundle / "configs")
-    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(REPO_ROOT / "configs", bundle / "configs", symlinks=True)
+    elsewhere = tmp / "elsewhere"
     elsewhere.mkdir()
     env = _env(PYTHONPATH=str(bundle))
     located = subprocess.run([sys.executable, "-c", "import cipa_bundle; print(cipa_bundle.__file__)"], cwd=elsewhere,
                              env=env, capture_output=True, text=True, check=True)
     assert Path(located.stdout.strip()).is_relative_to(bundle)
     configs = [str(bundle / "configs" / "train.json"), str(bundle / "configs" / "demo.json")]
-    command = _bundle_command(bundle, synthetic_dataset, "--epochs", "1", "--val_interval", "2", configs=configs)
-    result = subprocess.run(command, cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
+    command = _bundle_command(bundle, synthetic_dataset, "--epochs", "1", configs=configs)
+    result = subprocess.run(command, cwd=elsewhere, env=env, capture_output=True, text=True, timeout=900)
+    return bundle, result
+
+
+def test_training_runs_through_monai_bundle_from_anywhere_and_writes_checkpoints(trained_copy):
+    bundle, result = trained_copy
     assert result.returncode == 0, result.stderr[-3000:]
+    assert (bundle / "models" / "model.pt").is_file()  # best by validation IoU
     assert (bundle / "models" / "latest_checkpoint_epoch=1.pt").is_file()
+    assert list((bundle / "eval").glob("events.out.tfevents.*"))  # TensorBoard
+    assert "val_iou" in result.stderr + result.stdout
+
+
+def test_evaluate_overlay_scores_the_best_checkpoint(trained_copy, synthetic_dataset):
+    bundle, trained = trained_copy
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    configs = [str(bundle / "configs" / name) for name in ("train.json", "demo.json", "evaluate.json")]
+    command = _bundle_command(bundle, synthetic_dataset, configs=configs)
+    command[command.index("training")] = "run"
+    result = subprocess.run(command, cwd=bundle, env=_env(PYTHONPATH=str(bundle)), capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = (bundle / "eval" / "metrics.csv").read_text()
+    assert {"val_iou", "val_dice", "val_acc"} <= {line.replace("\t", ",").split(",")[0] for line in saved.splitlines()}
 
 
 def test_training_resumes_from_the_latest_checkpoint_after_a_kill(tmp_path, synthetic_dataset):
-    command = _bundle_command(tmp_path, synthetic_dataset, "--epochs", "3", "--val_interval", "5")
+    command = _bundle_command(tmp_path, synthetic_dataset, "--epochs", "2", "--val_interval", "5")
     log = open(tmp_path / "first.log", "w")
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT,
                                start_new_session=True)
@@ -92,27 +104,14 @@ def test_training_resumes_from_the_latest_checkpoint_after_a_kill(tmp_path, synt
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert first.exists(), (tmp_path / "first.log").read_text()[-3000:]
-    assert not (tmp_path / "models" / "latest_checkpoint_epoch=3.pt").exists()  # it really was interrupted
+    assert not (tmp_path / "models" / "latest_checkpoint_epoch=2.pt").exists()  # it really was interrupted
 
     result = subprocess.run(command, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
-    assert "Epoch: 1/3" not in output  # epoch 1 was not trained again
-    assert "Epoch: 3/3" in output
-    assert (tmp_path / "models" / "latest_checkpoint_epoch=3.pt").is_file()
-
-
-def test_evaluate_overlay_scores_the_best_checkpoint(tmp_path, synthetic_dataset):
-    train = subprocess.run(_bundle_command(tmp_path, synthetic_dataset, "--epochs", "1"), cwd=REPO_ROOT, env=_env(),
-                           capture_output=True, text=True, timeout=600)
-    assert train.returncode == 0, train.stderr[-3000:]
-    command = _bundle_command(tmp_path, synthetic_dataset,
-                              configs=[TRAIN, TINY_OVERLAY, str(REPO_ROOT / "configs" / "evaluate.json")])
-    command[command.index("training")] = "run"
-    result = subprocess.run(command, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    saved = (tmp_path / "eval" / "metrics.csv").read_text()
-    assert {"val_iou", "val_dice", "val_acc"} <= {line.replace("\t", ",").split(",")[0] for line in saved.splitlines()}
+    assert "Epoch: 1/2" not in output  # epoch 1 was not trained again
+    assert "Epoch: 2/2" in output
+    assert (tmp_path / "models" / "latest_checkpoint_epoch=2.pt").is_file()
 
 
 @pytest.mark.parametrize("files", [["train.json"], ["train.json", "evaluate.json"], ["train.json", "demo.json"]])
