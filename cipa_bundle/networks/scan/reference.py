@@ -46,7 +46,7 @@ def selective_scan_reference(
     """
     dtype = scan_compute_dtype(u.dtype)
     u, delta, A, B, C = (t.to(dtype) for t in (u, delta, A, B, C))
-    batch, channels, length = u.shape
+    batch, channels, _ = u.shape
     groups = B.shape[1]
     if channels % groups:
         raise ValueError(f"channels ({channels}) must be divisible by the number of B/C groups ({groups})")
@@ -58,11 +58,12 @@ def selective_scan_reference(
     C = C.repeat_interleave(channels // groups, dim=1)
     state = u.new_zeros(batch, channels, A.shape[1])
     outputs = []
-    for t in range(length):
-        decay = torch.exp(delta[:, :, t, None] * A)
-        state = decay * state + (delta[:, :, t] * u[:, :, t])[..., None] * B[..., t]
-        outputs.append((state * C[..., t]).sum(-1))
-    y = torch.stack(outputs, dim=-1)
+    # unbind rather than indexing [..., t]: the backward of L index ops would build L full-size zero gradients (O(L^2)).
+    for dt_t, u_t, B_t, C_t in zip(delta.unbind(-1), u.unbind(-1), B.unbind(-1), C.unbind(-1)):
+        decay = torch.exp(dt_t[..., None] * A)
+        state = decay * state + (dt_t * u_t)[..., None] * B_t
+        outputs.append((state * C_t).sum(-1))
+    y = torch.stack(outputs, dim=-1) if outputs else u.new_zeros(batch, channels, 0)
     if D is not None:
         y = y + u * D.to(dtype)[:, None]
     return y

@@ -1,0 +1,283 @@
+"""One PET-CT study folder (DICOM) -> the NIfTI files the CIPA bundle consumes (the ``cipa-bundle convert`` verb).
+
+Steps, in order (nothing is written until all of them have succeeded):
+
+1. find the study's one CT and one PET (Modality ``PT``) series, anywhere under ``study_dir``;
+2. read the CT as HU (padding -> air) and the PET as SUV (:mod:`cipa_bundle.preprocessing.suv`: QIBA decay
+   reference time, vendor paths, per-slice slopes, errors E1-E17);
+3. check both share one FrameOfReferenceUID (E15), since PET->CT resampling trusts the patient coordinates;
+4. optionally estimate a gated rigid correction (:func:`~cipa_bundle.preprocessing.registration.rigid_refine`);
+5. resample the SUV onto the CT grid (ITK, linear, 0 outside the PET field of view);
+6. build the 2-channel network image with :class:`~cipa_bundle.preprocessing.transforms.WindowCT` and
+   :class:`~cipa_bundle.preprocessing.transforms.ScaleSUV`;
+7. write every output under temporary names and rename them together (all or nothing).
+
+Outputs in ``out_dir``:
+
+=====================  ==============================================================================================
+``ct.nii.gz``          CT in HU on its own grid; int16 when every HU is an integer (the usual slope 1), else float32
+``suv.nii.gz``         SUV (g/ml for bw/lbm, cm2/ml for bsa) on the native PET grid, float32
+``suv_ct.nii.gz``      the same SUV resampled onto the CT grid, float32 (0 outside the PET field of view)
+``image.nii.gz``       float32 ``(I, J, K, 2)`` on the CT grid: channel 0 = windowed CT, channel 1 = scaled SUV, both in
+                       [0, 1] (the float equivalent of PCLT20K's 8-bit PNGs divided by 255). The network's own
+                       ``x * 3.2 - 1.6`` (:class:`~cipa_bundle.preprocessing.transforms.NormalizeCIPAInput`) is *not*
+                       applied here; the bundle configs apply it. Note the official loader stacks [PET, CT]: the
+                       configs, not this file, decide the order fed to the network.
+``provenance.json``    SUV provenance, frame-of-reference check, registration result, source series UIDs, the
+                       intensity parameters, package versions
+=====================  ==============================================================================================
+
+All NIfTI affines map voxel indices to RAS mm (the patient coordinates of the DICOM, with x and y negated).
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cipa_bundle.errors import CipaInputError
+from cipa_bundle.io.volume import Volume
+from cipa_bundle.preprocessing.transforms import DEFAULT_CT_WINDOW_HU, DEFAULT_SUV_MAX
+
+__all__ = ["OUTPUT_FILES", "StudyLayoutError", "convert_study", "find_study_series"]
+
+#: Files written by :func:`convert_study`, in writing order.
+OUTPUT_FILES: tuple[str, ...] = ("ct.nii.gz", "suv.nii.gz", "suv_ct.nii.gz", "image.nii.gz", "provenance.json")
+
+_REGISTER = ("none", "rigid")
+_KINDS = ("bw", "lbm", "bsa")
+
+
+class StudyLayoutError(CipaInputError):
+    """The study folder does not hold exactly one CT and one PET image series."""
+
+
+def find_study_series(study_dir: str | os.PathLike[str]) -> tuple[list[Path], list[Path]]:
+    """The files of the study's CT series and PET series.
+
+    Args:
+        study_dir: folder searched recursively (e.g. ``<case>/dicom`` or ``<case>``).
+
+    Returns:
+        ``(ct_files, pet_files)`` (unsorted; the reader orders slices by position).
+
+    Raises:
+        StudyLayoutError: no CT or no PET series, or more than one of either (the message lists what was found).
+        NoSeriesFoundError: ``study_dir`` is not a folder.
+    """
+    import pydicom
+
+    from cipa_bundle.io.dicom import find_series
+
+    root = Path(study_dir)
+    groups = find_series(root)
+    by_modality: dict[str, list[tuple[str, list[Path]]]] = {}
+    for uid, files in groups.items():
+        modality = str(pydicom.dcmread(files[0], stop_before_pixels=True).get("Modality", ""))
+        by_modality.setdefault(modality, []).append((uid, files))
+
+    def found() -> str:
+        listing = [f"{m or '?'} series {uid} ({len(f)} files)" for m, items in by_modality.items() for uid, f in items]
+        return "; ".join(listing) if listing else "no DICOM image series"
+
+    chosen: list[list[Path]] = []
+    for modality, label in (("CT", "CT"), ("PT", "PET")):
+        items = by_modality.get(modality, [])
+        if not items:
+            raise StudyLayoutError(
+                f"{root}: no {label} series (Modality (0008,0060) = {modality}) found; found {found()}; expected "
+                "one CT and one PET series of the same PET/CT study"
+            )
+        if len(items) > 1:
+            raise StudyLayoutError(
+                f"{root}: {len(items)} {label} series (Modality (0008,0060) = {modality}) found: {found()}; expected "
+                f"exactly one (move the others out of the study folder)"
+            )
+        chosen.append(items[0][1])
+    return chosen[0], chosen[1]
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    from cipa_bundle import __version__
+
+    versions = {"cipa_bundle": __version__}
+    for name in ("itk", "pydicom", "numpy", "monai", "nibabel", "torch"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:  # pragma: no cover - all are dependencies
+            versions[name] = "not installed"
+    return versions
+
+
+def _ct_for_nifti(ct: Volume) -> Volume:
+    """HU as int16 when lossless (integer HU within int16), else float32."""
+    array = ct.array
+    if np.all(np.isfinite(array)) and np.array_equal(array, np.rint(array)) and array.min() >= -32768 and (
+        array.max() <= 32767
+    ):
+        return Volume(array.astype(np.int16), ct.affine, ct.meta)
+    return Volume(array.astype(np.float32), ct.affine, ct.meta)
+
+
+def convert_study(
+    study_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    register: str = "none",
+    suv_kind: str = "bw",
+    *,
+    allow_frame_mismatch: bool = False,
+    ct_window_hu: tuple[float, float] = DEFAULT_CT_WINDOW_HU,
+    suv_max: float = DEFAULT_SUV_MAX,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Path]:
+    """Convert a DICOM PET-CT study into ``ct``, ``suv``, ``suv_ct``, ``image`` NIfTIs and ``provenance.json``.
+
+    Args:
+        study_dir: folder holding one CT and one PET series (searched recursively).
+        out_dir: output folder (created; existing outputs are replaced atomically).
+        register: ``"none"`` (identity: hybrid PET/CT, same frame of reference) or ``"rigid"`` (gated rigid
+            refinement; applied only if it passes the gate, see ``provenance.json["registration"]``).
+        suv_kind: ``"bw"`` (SUVbw), ``"lbm"`` (SUL, Janmahasatian) or ``"bsa"`` (SUVbsa, Du Bois).
+        allow_frame_mismatch: accept different FrameOfReferenceUIDs (resampling then trusts the patient
+            coordinates as they are; combine with ``register="rigid"``).
+        ct_window_hu: CT window mapped to [0, 1] in ``image.nii.gz``.
+        suv_max: SUV mapped to 1 in ``image.nii.gz``.
+        seed: registration sampling seed.
+        progress: show a tqdm progress bar on stderr.
+
+    Returns:
+        ``{"ct": path, "suv": path, "suv_ct": path, "image": path, "provenance": path}``.
+
+    Raises:
+        CipaInputError: bad arguments, a study without exactly one CT and one PET series, unreadable DICOM
+            geometry, an SUV that cannot be trusted (E1-E17), or mismatched frames of reference (E15). Nothing is
+            written in that case.
+    """
+    import torch
+    from tqdm import tqdm
+
+    from cipa_bundle.io.dicom import read_series
+    from cipa_bundle.io.nifti import atomic_outputs, json_text, nifti_bytes
+    from cipa_bundle.preprocessing.registration import check_frame_of_reference, resample_to_reference, rigid_refine
+    from cipa_bundle.preprocessing.suv import pet_series_to_suv
+    from cipa_bundle.preprocessing.transforms import ScaleSUV, WindowCT
+
+    if register not in _REGISTER:
+        raise CipaInputError(f"convert: register={register!r} is not supported; expected one of {', '.join(_REGISTER)}")
+    if suv_kind not in _KINDS:
+        raise CipaInputError(f"convert: kind={suv_kind!r} is not supported; expected one of {', '.join(_KINDS)}")
+    study = Path(study_dir)
+    out = Path(out_dir)
+    steps = ["find series", "read CT", "read PET + SUV", "frame of reference", "register", "resample", "write"]
+    bar = tqdm(total=len(steps), desc="convert", unit="step", disable=not progress, leave=False)
+
+    def step(name: str) -> None:
+        bar.set_postfix_str(name)
+
+    try:
+        step(steps[0])
+        ct_files, pet_files = find_study_series(study)
+        bar.update()
+        step(steps[1])
+        ct = read_series(ct_files, modality="CT")
+        bar.update()
+        step(steps[2])
+        pet = read_series(pet_files, modality="PT")
+        suv, suv_provenance = pet_series_to_suv(pet, suv_kind)  # type: ignore[arg-type]
+        bar.update()
+        step(steps[3])
+        shared_uid = check_frame_of_reference(pet, ct, allow_mismatch=allow_frame_mismatch)
+        bar.update()
+        step(steps[4])
+        registration: dict[str, Any] = {"method": register, "applied": False}
+        transform = None
+        if register == "rigid":
+            result = rigid_refine(ct.volume, suv, seed=seed)
+            registration.update(result.to_dict())
+            registration["applied"] = result.accepted
+            transform = result
+        bar.update()
+        step(steps[5])
+        suv_ct = resample_to_reference(suv, ct.volume, "linear", 0.0, transform)
+        ct_unit = WindowCT(*ct_window_hu)(torch.as_tensor(ct.volume.array))
+        pet_unit = ScaleSUV(suv_max)(torch.as_tensor(suv_ct.array))
+        image = Volume(np.stack([np.asarray(ct_unit), np.asarray(pet_unit)], axis=-1).astype(np.float32),
+                       ct.volume.affine)
+        bar.update()
+
+        step(steps[6])
+        provenance = {
+            "cipa_bundle_convert": 1,
+            "study_dir": str(study),
+            "suv_kind": suv_kind,
+            "ct": _series_record(ct),
+            "pet": _series_record(pet),
+            "frame_of_reference": {
+                "ct": ct.frame_of_reference_uid,
+                "pet": pet.frame_of_reference_uid,
+                "shared": shared_uid is not None,
+                "mismatch_allowed": bool(allow_frame_mismatch),
+            },
+            "suv": suv_provenance.to_dict(),
+            "registration": registration,
+            "resampling": {"library": "itk", "interpolation": "linear", "fill_value": 0.0,
+                           "direction": "PET onto the CT grid, in physical (patient) space"},
+            "image": {
+                "channels": ["ct", "pet"],
+                "ct": f"clip((HU - {ct_window_hu[0]:g}) / ({ct_window_hu[1]:g} - {ct_window_hu[0]:g}), 0, 1)",
+                "pet": f"clip(SUV / {suv_max:g}, 0, 1)",
+                "ct_window_hu": list(ct_window_hu),
+                "suv_max": suv_max,
+                "network_normalisation_applied": False,
+            },
+            "outputs": list(OUTPUT_FILES),
+            "versions": _versions(),
+        }
+        text = json_text(provenance).encode("utf-8")  # serialise first: a bad value fails before any file exists
+        payloads = [
+            lambda: nifti_bytes(_ct_for_nifti(ct.volume), gz=True),
+            lambda: nifti_bytes(Volume(suv.array.astype(np.float32), suv.affine), gz=True),
+            lambda: nifti_bytes(Volume(suv_ct.array.astype(np.float32), suv_ct.affine), gz=True),
+            lambda: nifti_bytes(image, gz=True),
+            lambda: text,
+        ]
+        finals = [out / name for name in OUTPUT_FILES]
+
+        def write(temp: Path, payload: Any) -> None:
+            with open(temp, "wb") as fh:
+                fh.write(payload())
+                fh.flush()
+                os.fsync(fh.fileno())
+
+        with atomic_outputs(finals) as temps:
+            # gzip dominates the write step and zlib releases the GIL, so the files compress in parallel.
+            with ThreadPoolExecutor(max_workers=max(1, min(len(finals), os.cpu_count() or 1))) as pool:
+                for future in [pool.submit(write, t, p) for t, p in zip(temps, payloads)]:
+                    future.result()
+        bar.update()
+    finally:
+        bar.close()
+    return dict(zip(("ct", "suv", "suv_ct", "image", "provenance"), finals))
+
+
+def _series_record(series: Any) -> dict[str, Any]:
+    """Identity and geometry of one source series, for the provenance record."""
+    volume = series.volume
+    return {
+        "series_uid": series.series_uid,
+        "study_uid": series.study_uid,
+        "frame_of_reference_uid": series.frame_of_reference_uid,
+        "modality": series.modality,
+        "n_instances": len(series.files),
+        "folder": str(Path(series.files[0]).parent),
+        "shape": list(volume.shape),
+        "spacing_mm": [float(s) for s in volume.spacing],
+        "affine_ras": volume.affine.tolist(),
+    }

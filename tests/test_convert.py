@@ -1,0 +1,184 @@
+"""``convert_study`` / ``cipa-bundle convert`` end to end on phantom studies, with the truth from truth.json.
+
+* Round trip (noise, blur and shift off): HU exact at CT probes, SUV within 0.5 % at PET probes on the native grid and
+  at combined probes on the CT grid, tumour SUVmax within 0.5 %, for every vendor's timing and units path.
+* Geometry: the ct.nii.gz affine maps voxels to the positions written in the DICOM ImagePositionPatient tags.
+* Bad studies: exit code 2 with one line on stderr, and no output file left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+
+from cipa_bundle.cli import main
+from cipa_bundle.data.phantom import make_phantom_case
+from cipa_bundle.errors import CipaInputError
+from cipa_bundle.preprocessing.convert import OUTPUT_FILES, StudyLayoutError, convert_study
+
+
+def _index(affine: np.ndarray, lps: list[float]) -> tuple[int, int, int]:
+    """Nearest voxel of an LPS point through a RAS affine."""
+    x, y, z = lps
+    return tuple(int(v) for v in np.rint(np.linalg.solve(affine, [-x, -y, z, 1.0])[:3]))  # type: ignore[return-value]
+
+
+@pytest.fixture(scope="module", params=["siemens", "ge", "philips"])
+def converted(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+    root = tmp_path_factory.mktemp(request.param)
+    case = make_phantom_case(root, "case", seed=11, vendor=request.param, noise=False, blur=False)
+    out = root / "out"
+    paths = convert_study(case, out, progress=False)
+    assert sorted(p.name for p in paths.values()) == sorted(OUTPUT_FILES)
+    return case, out, json.loads((case / "truth.json").read_text())
+
+
+def test_round_trip_hu_and_suv(converted: tuple[Path, Path, dict]) -> None:
+    _, out, truth = converted
+    ct = nib.load(out / "ct.nii.gz")
+    suv = nib.load(out / "suv.nii.gz")
+    suv_ct = nib.load(out / "suv_ct.nii.gz")
+    ct_data = np.asarray(ct.dataobj)
+    suv_data, suv_ct_data = np.asarray(suv.dataobj), np.asarray(suv_ct.dataobj)
+    assert ct_data.dtype == np.int16 and suv_data.dtype == np.float32
+    assert list(suv.shape) == truth["pet"]["shape"] and suv_ct.shape == ct.shape
+    combined = 0
+    for s in truth["structures"]:
+        assert ct_data[_index(ct.affine, s["ct_probe_lps_mm"])] == s["hu"], s["name"]
+        assert suv_data[_index(suv.affine, s["pet_probe_lps_mm"])] == pytest.approx(s["suv"], rel=5e-3), s["name"]
+        if s["probe_lps_mm"] is not None:
+            ijk = _index(ct.affine, s["probe_lps_mm"])
+            assert ct_data[ijk] == s["hu"], s["name"]
+            assert suv_ct_data[ijk] == pytest.approx(s["suv"], rel=5e-3), s["name"]
+            combined += 1
+    assert combined >= len(truth["structures"]) - 2  # only the smallest (node, small tumours) may lack one
+    # Tumour SUVmax: the hottest PET voxel within the sphere (native grid) is the uniform true value.
+    pet_ras = nib.affines.apply_affine(suv.affine, np.indices(suv.shape).reshape(3, -1).T)
+    for t in truth["tumours"]:
+        c = np.array(t["centre_lps_mm"]) * [-1, -1, 1]
+        inside = np.linalg.norm(pet_ras - c, axis=1) <= t["radius_mm"]
+        assert suv_data.reshape(-1)[inside].max() == pytest.approx(t["suv_max"], rel=5e-3), t["name"]
+
+
+def test_ct_affine_matches_dicom_positions(converted: tuple[Path, Path, dict]) -> None:
+    case, out, truth = converted
+    affine = nib.load(out / "ct.nii.gz").affine
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted((case / "dicom" / "ct").glob("*.dcm"))]
+    headers.sort(key=lambda ds: float(ds.ImagePositionPatient[2]))  # axial HFS: k follows +z
+    for i, j, k in [(0, 0, 0), (5, 7, 3), (63, 10, len(headers) - 1)]:
+        ds = headers[k]
+        row_dir, col_dir = np.array(ds.ImageOrientationPatient[:3], float), np.array(ds.ImageOrientationPatient[3:], float)
+        dr, dc = (float(v) for v in ds.PixelSpacing)  # (between rows, between columns)
+        lps = np.array(ds.ImagePositionPatient, float) + i * dc * row_dir + j * dr * col_dir
+        np.testing.assert_allclose(affine @ [i, j, k, 1], [-lps[0], -lps[1], lps[2], 1], atol=1e-4)
+    np.testing.assert_allclose(affine, np.asarray(truth["ct"]["affine_ras"]), atol=1e-4)
+
+
+def test_image_channels_and_provenance(converted: tuple[Path, Path, dict]) -> None:
+    _, out, truth = converted
+    image = nib.load(out / "image.nii.gz")
+    data = np.asarray(image.dataobj)
+    ct = np.asarray(nib.load(out / "ct.nii.gz").dataobj).astype(np.float64)
+    suv_ct = np.asarray(nib.load(out / "suv_ct.nii.gz").dataobj).astype(np.float64)
+    assert data.shape == (*ct.shape, 2) and data.dtype == np.float32
+    np.testing.assert_allclose(image.affine, nib.load(out / "ct.nii.gz").affine)
+    np.testing.assert_allclose(data[..., 0], np.clip((ct + 1200) / 1000, 0, 1), atol=1e-6)
+    np.testing.assert_allclose(data[..., 1], np.clip(suv_ct / 10, 0, 1), atol=1e-6)
+    record = json.loads((out / "provenance.json").read_text())
+    assert record["suv"]["factor"] == pytest.approx(truth["suv_factor"], rel=1e-9)
+    assert record["ct"]["series_uid"] == truth["ct_series_uid"]
+    assert record["pet"]["series_uid"] == truth["pet_series_uid"]
+    assert record["frame_of_reference"]["shared"] is True
+    assert record["registration"] == {"method": "none", "applied": False}
+    assert record["image"]["channels"] == ["ct", "pet"] and record["versions"]["itk"]
+
+
+def test_rigid_convert_recovers_shift(tmp_path: Path) -> None:
+    case = make_phantom_case(tmp_path, "shifted", seed=12, shift=(4.0, -3.0, 6.0), vendor="ge")
+    convert_study(case, tmp_path / "out", register="rigid", progress=False)
+    reg = json.loads((tmp_path / "out" / "provenance.json").read_text())["registration"]
+    assert reg["method"] == "rigid" and reg["applied"] is True
+    assert np.linalg.norm(np.subtract(reg["translation_mm"], [4.0, -3.0, 6.0])) < 1.0
+    # The corrected PET puts each tumour's uptake back on its CT position.
+    truth = json.loads((case / "truth.json").read_text())
+    suv_ct = nib.load(tmp_path / "out" / "suv_ct.nii.gz")
+    for t in truth["tumours"]:
+        assert np.asarray(suv_ct.dataobj)[_index(suv_ct.affine, t["centre_lps_mm"])] > 0.5 * t["suv_max"]
+
+
+@pytest.fixture(scope="module")
+def clean_case(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_phantom_case(tmp_path_factory.mktemp("bad"), "case", seed=13, noise=False, blur=False)
+
+
+def test_cli_missing_pet_exits_2_with_one_line(tmp_path: Path, clean_case: Path) -> None:
+    study = tmp_path / "study"
+    shutil.copytree(clean_case / "dicom" / "ct", study / "ct")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "cipa_bundle", "convert", str(study), str(out)],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("cipa-bundle: error:")]
+    assert len(lines) == 1 and "no PET series" in lines[0] and "(0008,0060)" in lines[0] and str(study) in lines[0]
+    assert not out.exists()
+
+
+def test_cli_mismatched_frame_of_reference(tmp_path: Path, clean_case: Path, capsys: pytest.CaptureFixture) -> None:
+    study = tmp_path / "study"
+    shutil.copytree(clean_case / "dicom", study)
+    for path in (study / "pet").glob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        ds.FrameOfReferenceUID = "1.2.3.4.5"
+        ds.save_as(path)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as info:
+        main(["convert", str(study), str(out)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "E15" in err and "1.2.3.4.5" in err and "(0020,0052)" in err
+    assert not out.exists()
+
+
+def test_nothing_half_written_when_a_write_fails(tmp_path: Path, clean_case: Path) -> None:
+    out = tmp_path / "out"
+    (out / "provenance.json").mkdir(parents=True)  # the last rename cannot replace a folder
+    with pytest.raises(OSError):
+        convert_study(clean_case, out, progress=False)
+    assert [p.name for p in out.iterdir()] == ["provenance.json"]  # only the obstacle; no NIfTI, no temporaries
+
+
+def test_bad_arguments_and_layouts(tmp_path: Path, clean_case: Path) -> None:
+    with pytest.raises(CipaInputError, match="register='affine'"):
+        convert_study(clean_case, tmp_path / "o", register="affine")
+    with pytest.raises(CipaInputError, match="kind='sul'"):
+        convert_study(clean_case, tmp_path / "o", suv_kind="sul")
+    doubled = tmp_path / "two_pets"
+    shutil.copytree(clean_case / "dicom", doubled)
+    for path in (doubled / "pet").glob("*.dcm"):  # a second PET series: same pixels, new series UID
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID = ds.SeriesInstanceUID + ".9"
+        ds.SOPInstanceUID = ds.SOPInstanceUID + ".9"
+        ds.save_as(doubled / "pet" / ("copy_" + path.name))
+    with pytest.raises(StudyLayoutError, match="2 PET series"):
+        convert_study(doubled, tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_phantom_verb(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    main(["phantom", str(tmp_path), "--cases", "1", "--seed", "5", "--shift", "4,-3,6", "--vendor", "philips",
+          "--nonoise"])
+    truth = json.loads((tmp_path / "phantom_000" / "truth.json").read_text())
+    assert truth["shift_lps_mm"] == [4.0, -3.0, 6.0] and truth["vendor"] == "philips" and truth["noise"] is False
+    assert "phantom_000" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        main(["phantom", str(tmp_path / "x"), "--vendor", "agfa"])
+    assert info.value.code == 2
