@@ -94,7 +94,9 @@ def _worker(impl: str, shape_index: int, repeat: int, threads: int) -> dict:
 
     # One untimed call first; with a single repetition (--quick) only where there is a compilation to absorb.
     warm_up = repeat > 1 or impl == "numba"
-    torch.set_num_threads(threads)
+    if threads != torch.get_num_threads():
+        # Only when asked: an explicit set_num_threads was seen to slow small torch ops down on a busy machine.
+        torch.set_num_threads(threads)
     _, channels, length, nstate = SHAPES[shape_index]
     inputs = _inputs(channels, length, nstate)
     if impl == "mambapy":

@@ -41,6 +41,19 @@ class Commands:
 
         run_demo(out_dir=out_dir, cases=cases, epochs=epochs, seed=seed)
 
+    def package(self, out: str, bundle_root: str | None = None, name: str | None = None, weights: bool = True) -> str:
+        """Write a Model Zoo-style bundle zip that unpacks into NAME/ and runs with `python -m monai.bundle` there.
+
+        Args:
+            out: the .zip to write (atomically).
+            bundle_root: the bundle folder to package (default: this checkout).
+            name: top-level folder in the archive (default petct_lung_tumor_segmentation).
+            weights: ship models/model.pt (and model.ts, model.onnx) when present (--noweights to leave them out).
+        """
+        from cipa_bundle.package import package_bundle
+
+        return str(package_bundle(out, bundle_root, name=name, include_weights=weights))
+
     def import_official(self, checkpoint: str, out: str) -> str:
         """Convert the released official CIPA checkpoint (CIPA.pth) into this bundle's state_dict (models/model.pt)."""
         from cipa_bundle.networks.official import import_official_checkpoint

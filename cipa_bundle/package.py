@@ -75,7 +75,7 @@ def bundle_files(bundle_root: str | os.PathLike[str], include_weights: bool = Tr
         if not (root / required).is_file():
             raise CipaInputError(
                 f"{root / required}: not found; expected a bundle root holding {', '.join(_REQUIRED)} and the "
-                "cipa_bundle package"
+                "cipa_bundle package (pass the bundle folder as bundle_root)"
             )
     files: dict[str, Path] = {}
     for name in _ROOT_FILES:
@@ -106,7 +106,7 @@ def _add(archive: zipfile.ZipFile, arcname: str, data: bytes | None) -> None:
 def package_bundle(
     out: str | os.PathLike[str],
     bundle_root: str | os.PathLike[str] | None = None,
-    name: str = BUNDLE_NAME,
+    name: str | None = None,
     include_weights: bool = True,
     verify: bool = True,
 ) -> Path:
@@ -117,7 +117,7 @@ def package_bundle(
             renamed, so an interrupted run leaves no partial archive.
         bundle_root: the bundle folder; default: the checkout this package was loaded from (the parent of the
             ``cipa_bundle`` folder).
-        name: the top-level folder inside the archive.
+        name: the top-level folder inside the archive; default :data:`BUNDLE_NAME`.
         include_weights: ship ``models/model.pt`` (and ``model.ts`` / ``model.onnx``) where present. Without them
             ``models/`` is empty and ``large_files.yml`` tells ``monai.bundle download_large_files`` where the
             weights come from.
@@ -133,6 +133,7 @@ def package_bundle(
     """
     root = Path(bundle_root) if bundle_root is not None else Path(__file__).resolve().parent.parent
     target = Path(out)
+    name = BUNDLE_NAME if name is None else name
     if target.suffix.lower() != ".zip":
         raise CipaInputError(f"output {target}: extension {target.suffix or '(none)'!r}, expected '.zip'")
     if not _NAME_PATTERN.fullmatch(name):

@@ -18,6 +18,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pydicom
+import pydicom.uid
 import pytest
 
 from cipa_bundle.cli import main
@@ -76,7 +77,8 @@ def test_ct_affine_matches_dicom_positions(converted: tuple[Path, Path, dict]) -
     headers.sort(key=lambda ds: float(ds.ImagePositionPatient[2]))  # axial HFS: k follows +z
     for i, j, k in [(0, 0, 0), (5, 7, 3), (63, 10, len(headers) - 1)]:
         ds = headers[k]
-        row_dir, col_dir = np.array(ds.ImageOrientationPatient[:3], float), np.array(ds.ImageOrientationPatient[3:], float)
+        row_dir = np.array(ds.ImageOrientationPatient[:3], float)
+        col_dir = np.array(ds.ImageOrientationPatient[3:], float)
         dr, dc = (float(v) for v in ds.PixelSpacing)  # (between rows, between columns)
         lps = np.array(ds.ImagePositionPatient, float) + i * dc * row_dir + j * dr * col_dir
         np.testing.assert_allclose(affine @ [i, j, k, 1], [-lps[0], -lps[1], lps[2], 1], atol=1e-4)
@@ -163,10 +165,11 @@ def test_bad_arguments_and_layouts(tmp_path: Path, clean_case: Path) -> None:
         convert_study(clean_case, tmp_path / "o", suv_kind="sul")
     doubled = tmp_path / "two_pets"
     shutil.copytree(clean_case / "dicom", doubled)
+    series_uid = pydicom.uid.generate_uid(entropy_srcs=["second PET"])
     for path in (doubled / "pet").glob("*.dcm"):  # a second PET series: same pixels, new series UID
         ds = pydicom.dcmread(path)
-        ds.SeriesInstanceUID = ds.SeriesInstanceUID + ".9"
-        ds.SOPInstanceUID = ds.SOPInstanceUID + ".9"
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = pydicom.uid.generate_uid(entropy_srcs=[path.name, "copy"])
         ds.save_as(doubled / "pet" / ("copy_" + path.name))
     with pytest.raises(StudyLayoutError, match="2 PET series"):
         convert_study(doubled, tmp_path / "o", progress=False)

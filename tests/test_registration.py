@@ -18,6 +18,7 @@ from cipa_bundle.preprocessing.registration import (
     RigidResult,
     check_frame_of_reference,
     resample_to_reference,
+    rigid_gate,
     rigid_refine,
 )
 from cipa_bundle.preprocessing.suv import FrameOfReferenceError
@@ -108,6 +109,25 @@ def test_frame_of_reference_check() -> None:
     with pytest.raises(FrameOfReferenceError):
         check_frame_of_reference("1.2.3", "")
     assert check_frame_of_reference("1.2.3", "1.2.4", allow_mismatch=True) is None
+
+
+@pytest.mark.parametrize(
+    ("translation", "rotation", "value", "accepted", "phrase"),
+    [
+        ((4.0, -3.0, 6.0), 0.2, -1.2, True, "applied"),
+        ((9.9, 0.0, 0.0), 2.9, -1.2, True, "applied"),
+        ((10.0, 0.0, 0.0), 0.0, -1.2, False, ">= 10 mm"),
+        ((6.0, 6.0, 6.0), 0.0, -1.2, False, ">= 10 mm"),  # |t| = 10.4 mm although each axis is below 10
+        ((1.0, 2.0, 0.0), 3.0, -1.2, False, ">= 3 deg"),
+        ((4.0, -3.0, 6.0), 0.2, -1.0, False, "did not improve"),
+        ((0.5, 0.5, 0.5), 0.3, -1.2, False, "registration precision"),
+        ((0.5, 0.5, 0.5), 0.6, -1.2, True, "applied"),  # a real rotation is applied even without translation
+        ((float("nan"), 0.0, 0.0), 0.0, -1.2, False, "diverged"),
+    ],
+)
+def test_rigid_gate(translation: tuple, rotation: float, value: float, accepted: bool, phrase: str) -> None:
+    decision, reason = rigid_gate(translation, rotation, value, metric_identity=-1.0)
+    assert decision is accepted and phrase in reason
 
 
 # --------------------------------------------------------------------------------------------------- rigid

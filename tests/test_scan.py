@@ -30,6 +30,20 @@ CPU_BACKENDS = ["torch"] + (["numba"] if HAS_NUMBA else [])
 needs_numba = pytest.mark.skipif(not HAS_NUMBA, reason="numba is not installed")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Run this module's tiny tensors on one torch thread.
+
+    After an explicit ``torch.set_num_threads(2)`` (as tests/conftest.py does), the reference's thousands of tiny ops
+    ran 5-20x slower on a busy 2-core machine (0.4 s -> 9 s for L = 4096); one thread is faster here, and the
+    thread-count test below sets its own counts.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def make_inputs(
     batch: int,
     channels: int,

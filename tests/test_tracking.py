@@ -19,6 +19,7 @@ from tests.conftest import REPO_ROOT
 from tests.test_multi_gpu import shared_dataset
 
 BATCH = 4
+ITEMS = 8  # training slices used: two iterations keep the run short and still give a loss history
 
 
 @pytest.fixture(scope="module")
@@ -34,18 +35,18 @@ def tracked_run(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProce
         "--logging_file", str(REPO_ROOT / "configs" / "logging.conf"),
         "--bundle_root", str(bundle), "--dataset_dir", str(dataset),
         "--epochs", "1", "--val_interval", "5", "--batch_size", str(BATCH),
+        "--train#dataset#data", f"$@train#data[:{ITEMS}]",
         "--tracking", "mlflow", "--experiment_name", "cipa_ci", "--run_name", "tiny",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     env.pop("CIPA_SCAN_BACKEND", None)
-    # Run from the bundle root: mlflow puts run artifacts under the working directory unless told otherwise.
     result = subprocess.run(command, cwd=bundle, env=env, capture_output=True, text=True, timeout=600)
     return bundle, dataset, result
 
 
 def _iterations(dataset: Path) -> int:
-    """Iterations in one epoch: whole batches of the training slices (``drop_last``)."""
-    return len(json.loads((dataset / "datalist.json").read_text())["training"]) // BATCH
+    """Iterations in one epoch: whole batches (``drop_last``) of the training slices kept."""
+    return min(ITEMS, len(json.loads((dataset / "datalist.json").read_text())["training"])) // BATCH
 
 
 def _tensorboard_losses(bundle: Path) -> dict[int, float]:
@@ -89,3 +90,7 @@ def test_mlflow_sqlite_store_reads_back_the_logged_loss(tracked_run):
     # The epoch-level key metric (IoU of the training batches) is logged too, and is a ratio.
     (iou,) = client.get_metric_history(runs[0].info.run_id, "train_iou")
     assert 0.0 <= iou.value <= 1.0
+    # MONAI logs the executed config as an artifact; it lands beside the store, not in the working directory.
+    artifacts = [a.path for a in client.list_artifacts(runs[0].info.run_id)]
+    assert len(artifacts) == 1 and artifacts[0].startswith("config_") and artifacts[0].endswith(".json"), artifacts
+    assert list((bundle / "eval" / "mlruns").rglob(artifacts[0]))

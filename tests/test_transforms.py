@@ -89,7 +89,8 @@ def test_dictionary_twins_match_arrays_and_keep_metadata() -> None:
 
 def _float_constants(path: Path) -> set[float]:
     tree = ast.parse(path.read_text())
-    return {abs(node.value) for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, float)}
+    floats = (node.value for node in ast.walk(tree) if isinstance(node, ast.Constant))
+    return {abs(v) for v in floats if isinstance(v, float)}
 
 
 def _json_numbers(obj: object) -> set[float]:

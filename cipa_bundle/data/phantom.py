@@ -3,18 +3,20 @@
 Every structure is an analytic shape in DICOM patient coordinates (LPS, millimetres: ``+x`` = patient left,
 ``+y`` = posterior, ``+z`` = superior), so the truth does not depend on any grid:
 
-* body (elliptic cylinder), right and left lungs (ellipsoids), mediastinum (elliptic cylinder), vertebral bodies
-  (stacked cylinders), heart (FDG-avid myocardium around a blood-pool chamber);
+* body (elliptic cylinder), right and left lungs (ellipsoids), liver (its dome shapes the right lung base),
+  mediastinum (elliptic cylinder), vertebral bodies (stacked cylinders), heart (FDG-avid myocardium around a
+  blood-pool chamber);
 * lung tumours of varied radius with a uniform SUV between 3 and 15 (``SUVmax == SUVmean`` when noise and blur are
   off). The first tumour of every case leans on the mediastinum and has the mediastinum's HU, so only PET shows
   its medial border (low CT contrast);
 * FDG-avid false-positive traps outside the lungs: a hot mediastinal lymph node (CT-invisible) and a paravertebral
   brown-fat focus.
 
-The CT is sampled at its voxel centres (no partial volume: with ``noise=False`` every voxel holds exactly its
-structure's HU) and written as int16 with RescaleSlope 1 and RescaleIntercept -1024, plus a PixelPaddingValue
-outside the reconstruction circle. The PET is sampled at the centres of a coarser grid with a different z-extent,
-optionally blurred by a Gaussian PSF (FWHM in mm) and given Poisson-like noise, and written per vendor:
+Both images are voxel averages of the analytic anatomy (partial volume at edges, computed on a ~1 mm sub-voxel
+lattice; a voxel wholly inside one structure holds exactly that structure's value). The CT is written as int16 HU
+with RescaleSlope 1 and RescaleIntercept -1024, plus a PixelPaddingValue outside the reconstruction circle, slices
+numbered head to feet. The PET lies on a coarser grid with a different (longer) z-extent, is optionally blurred by
+a Gaussian PSF (FWHM in mm) and given noise whose variance is proportional to the SUV, and is written per vendor:
 
 =========  =======  ===============================================================================================
 vendor     Units    decay reference time the converter must find (the timing pitfall this vendor exercises)
@@ -43,8 +45,9 @@ UIDs are derived from the case id and seed, and dates are fixed.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import math
+import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -287,10 +290,15 @@ SIZES: dict[str, PhantomSize] = {
 
 
 # --------------------------------------------------------------------------------------------------- anatomy
-_HU = {"body": 20.0, "lung": -850.0, "liver": 55.0, "mediastinum": 40.0, "bone": 400.0, "myocardium": 45.0, "blood": 40.0,
-       "node": 40.0, "brown_fat": -60.0, "tumour": 30.0}
-_SUV = {"body": 0.7, "lung": 0.4, "liver": 2.2, "mediastinum": 1.5, "bone": 1.3, "myocardium": 6.0, "blood": 1.8,
-        "node": 5.5, "brown_fat": 4.0}
+#: CT numbers (HU) and true SUVbw (g/ml) of each tissue; tumour SUVs are drawn per case.
+_HU = {
+    "body": 20.0, "lung": -850.0, "liver": 55.0, "mediastinum": 40.0, "bone": 400.0, "myocardium": 45.0,
+    "blood": 40.0, "node": 40.0, "brown_fat": -60.0, "tumour": 30.0,
+}
+_SUV = {
+    "body": 0.7, "lung": 0.4, "liver": 2.2, "mediastinum": 1.5, "bone": 1.3, "myocardium": 6.0, "blood": 1.8,
+    "node": 5.5, "brown_fat": 4.0,
+}
 
 
 def _fibonacci_directions(n: int = 96) -> np.ndarray:
@@ -327,8 +335,10 @@ def build_anatomy(rng: np.random.Generator, size: PhantomSize) -> PhantomAnatomy
     node_r = max(9 * s, 8.0)
     structures = [
         Structure("body", "anatomy", (EllipticCylinder((0.0, 0.0), (165 * s, 115 * s)),), _HU["body"], _SUV["body"]),
-        Structure("lung_right", "anatomy", (Ellipsoid((-78 * s, 5 * s, 15 * s), lung_semi),), _HU["lung"], _SUV["lung"]),
-        Structure("lung_left", "anatomy", (Ellipsoid((78 * s, 5 * s, 15 * s), lung_semi),), _HU["lung"], _SUV["lung"]),
+        Structure("lung_right", "anatomy", (Ellipsoid((-78 * s, 5 * s, 15 * s), lung_semi),),
+                  _HU["lung"], _SUV["lung"]),
+        Structure("lung_left", "anatomy", (Ellipsoid((78 * s, 5 * s, 15 * s), lung_semi),),
+                  _HU["lung"], _SUV["lung"]),
         # The liver dome shapes the right lung base: the strongest cranio-caudal landmark both modalities share.
         Structure("liver", "anatomy", (Ellipsoid((-45 * s, 5 * s, -200 * s), (115 * s, 95 * s, 100 * s)),),
                   _HU["liver"], _SUV["liver"]),
@@ -404,9 +414,8 @@ def _add_tumours(anatomy: PhantomAnatomy, rng: np.random.Generator, size: Phanto
         suv = float(np.round(rng.uniform(3.0, 15.0), 1))
         hu = _HU["mediastinum"] if juxta else _HU["tumour"]
         name = f"tumour_{t + 1}"
-        anatomy.structures.append(
-            Structure(name, "tumour", (Ellipsoid(tuple(centre.tolist()), (radius,) * 3),), hu, suv)  # type: ignore[arg-type]
-        )
+        sphere = Ellipsoid((float(centre[0]), float(centre[1]), float(centre[2])), (radius, radius, radius))
+        anatomy.structures.append(Structure(name, "tumour", (sphere,), hu, suv))
         anatomy.tumours.append({
             "name": name,
             "location": "juxta-mediastinal" if juxta else "peripheral",
@@ -440,7 +449,7 @@ def _render_labels(anatomy: PhantomAnatomy, grid: Grid, shift: Sequence[float] =
 def _subvoxel_offsets(spacing: Sequence[float], step_mm: float = 1.0) -> np.ndarray:
     """``(M, 3)`` offsets (mm) of a regular sub-sample lattice filling one voxel, about ``step_mm`` apart."""
     counts = [max(1, int(math.ceil(float(d) / step_mm))) for d in spacing]
-    axes = [((np.arange(n) + 0.5) / n - 0.5) * float(d) for n, d in zip(counts, spacing)]
+    axes = [((np.arange(n) + 0.5) / n - 0.5) * float(d) for n, d in zip(counts, spacing, strict=True)]
     return np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
 
 
@@ -707,7 +716,7 @@ def make_phantom_case(
 
         <out_dir>/<case_id>/dicom/ct/CT_*.dcm      CT series (HU = stored - 1024)
         <out_dir>/<case_id>/dicom/pet/PT_*.dcm     PET series (BQML, or CNTS for philips)
-        <out_dir>/<case_id>/label.nii.gz           uint8 tumour mask (1 = any tumour) on the CT grid
+        <out_dir>/<case_id>/label.nii.gz           uint8 tumour mask (1 = any tumour, sampled at CT voxel centres)
         <out_dir>/<case_id>/truth.json             structures (HU, SUV, probe point), tumours, shift, SUV factor
 
     Args:
@@ -717,7 +726,8 @@ def make_phantom_case(
         shift: ``(dx, dy, dz)`` (or ``"dx,dy,dz"``) LPS mm displacement of the PET content relative to the CT
             (patient motion).
         vendor: ``"siemens"``, ``"ge"`` or ``"philips"`` (see the module docstring).
-        size: ``"small"`` (CT 64x64x24) or ``"clinical"`` (CT 512x512x150, PET 4 mm).
+        size: ``"small"`` (CT 64x64x32 at 3x3x4 mm, PET 56x56x40 at 4 mm) or ``"clinical"`` (CT 512x512x150 at
+            0.98x0.98x2 mm, PET 128x128x85 at 4 mm).
         noise: add PET noise (variance proportional to the SUV) and CT noise (12 HU SD). Off: values are exact.
         blur: blur the PET with a Gaussian PSF (``SIZES[size].pet_fwhm_mm`` FWHM).
         case_index: index of the case within a dataset (second component of the RNG seed).
@@ -729,19 +739,42 @@ def make_phantom_case(
         CipaInputError: unknown vendor or size, or a shift that is not three finite numbers.
     """
     from cipa_bundle.errors import CipaInputError
-    from cipa_bundle.io.nifti import save_json, save_nifti
 
     if vendor not in VENDORS:
         raise CipaInputError(f"phantom: vendor={vendor!r} is not supported; expected one of {', '.join(VENDORS)}")
     if size not in SIZES:
         raise CipaInputError(f"phantom: size={size!r} is not supported; expected one of {', '.join(SIZES)}")
     shift_arr = parse_shift(shift)
+    final_dir = Path(out_dir) / case_id
+    # The case is built in a hidden sibling folder and renamed into place, so a failure never leaves half a study
+    # (DICOM readers skip hidden folders).
+    case_dir = final_dir.with_name(f".{case_id}.tmp{os.getpid()}")
+    shutil.rmtree(case_dir, ignore_errors=True)
+    try:
+        _write_case(case_dir, case_id, seed, case_index, shift_arr, vendor, size, noise, blur)
+        if final_dir.exists():
+            old = final_dir.with_name(f".{case_id}.old{os.getpid()}")
+            os.replace(final_dir, old)
+            os.replace(case_dir, final_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(case_dir, final_dir)
+    except BaseException:
+        shutil.rmtree(case_dir, ignore_errors=True)
+        raise
+    return final_dir
+
+
+def _write_case(case_dir: Path, case_id: str, seed: int, case_index: int, shift_arr: np.ndarray, vendor: str,
+                size: str, noise: bool, blur: bool) -> None:
+    """Everything :func:`make_phantom_case` writes, into ``case_dir``."""
+    from cipa_bundle.io.nifti import save_json, save_nifti
+
     spec = SIZES[size]
     rng = np.random.default_rng((int(seed), int(case_index)))
     anatomy = build_anatomy(rng, spec)
     timing = _draw_timing(rng)
     noise_rng = np.random.default_rng((int(seed), int(case_index), 1))
-    case_dir = Path(out_dir) / case_id
 
     ct_labels = _render_labels(anatomy, spec.ct, desc="phantom CT")
     hu = np.rint(_render_values(anatomy, spec.ct, anatomy.table("hu"), ct_labels))
@@ -825,7 +858,6 @@ def make_phantom_case(
         **uids,
     }
     save_json(truth, case_dir / "truth.json")
-    return case_dir
 
 
 def make_phantom_dataset(

@@ -315,6 +315,7 @@ def predict(
             "output_dir": str(workflow_out),
             "checkpoint": str(weights),
             "save_probabilities": bool(probabilities),
+            "progress": bool(progress),
             **arch,
         }
         if device is not None:

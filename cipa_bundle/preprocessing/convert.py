@@ -115,14 +115,22 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def _ct_for_nifti(ct: Volume) -> Volume:
-    """HU as int16 when lossless (integer HU within int16), else float32."""
-    array = ct.array
-    if np.all(np.isfinite(array)) and np.array_equal(array, np.rint(array)) and array.min() >= -32768 and (
-        array.max() <= 32767
-    ):
-        return Volume(array.astype(np.int16), ct.affine, ct.meta)
-    return Volume(array.astype(np.float32), ct.affine, ct.meta)
+def _ct_for_nifti(series: Any) -> Volume:
+    """The CT volume in the dtype that stores its HU exactly: int16 when every slice's RescaleSlope and
+    RescaleIntercept are integers (HU = integer stored values), else float32. Fortran-ordered, as NIfTI stores it."""
+    def integral(ds: Any, keyword: str, default: float) -> bool:
+        value = ds.get(keyword)
+        number = default if value in (None, "") else float(value)
+        return float(number).is_integer() and abs(number) < 32768
+
+    exact = all(
+        "ModalityLUTSequence" not in ds and integral(ds, "RescaleSlope", 1.0) and integral(ds, "RescaleIntercept", 0.0)
+        for ds in series.datasets
+    )
+    array = series.volume.array
+    if exact and array.size and array.min() >= -32768 and array.max() <= 32767:
+        return Volume(np.array(array, dtype=np.int16, order="F"), series.volume.affine)
+    return Volume(np.array(array, dtype=np.float32, order="F"), series.volume.affine)
 
 
 def convert_study(
@@ -206,10 +214,12 @@ def convert_study(
         bar.update()
         step(steps[5])
         suv_ct = resample_to_reference(suv, ct.volume, "linear", 0.0, transform)
-        ct_unit = WindowCT(*ct_window_hu)(torch.as_tensor(ct.volume.array))
-        pet_unit = ScaleSUV(suv_max)(torch.as_tensor(suv_ct.array))
-        image = Volume(np.stack([np.asarray(ct_unit), np.asarray(pet_unit)], axis=-1).astype(np.float32),
-                       ct.volume.affine)
+        # Fortran order with the channel slowest: each channel is one contiguous block, as NIfTI stores it, so
+        # nothing is transposed again on writing.
+        channels = np.empty((*ct.volume.shape, 2), dtype=np.float32, order="F")
+        channels[..., 0] = np.asarray(WindowCT(*ct_window_hu)(torch.as_tensor(ct.volume.array)))
+        channels[..., 1] = np.asarray(ScaleSUV(suv_max)(torch.as_tensor(suv_ct.array)))
+        image = Volume(channels, ct.volume.affine)
         bar.update()
 
         step(steps[6])
@@ -242,7 +252,7 @@ def convert_study(
         }
         text = json_text(provenance).encode("utf-8")  # serialise first: a bad value fails before any file exists
         payloads = [
-            lambda: nifti_bytes(_ct_for_nifti(ct.volume), gz=True),
+            lambda: nifti_bytes(_ct_for_nifti(ct), gz=True),
             lambda: nifti_bytes(Volume(suv.array.astype(np.float32), suv.affine), gz=True),
             lambda: nifti_bytes(Volume(suv_ct.array.astype(np.float32), suv_ct.affine), gz=True),
             lambda: nifti_bytes(image, gz=True),
@@ -259,12 +269,12 @@ def convert_study(
         with atomic_outputs(finals) as temps:
             # gzip dominates the write step and zlib releases the GIL, so the files compress in parallel.
             with ThreadPoolExecutor(max_workers=max(1, min(len(finals), os.cpu_count() or 1))) as pool:
-                for future in [pool.submit(write, t, p) for t, p in zip(temps, payloads)]:
+                for future in [pool.submit(write, t, p) for t, p in zip(temps, payloads, strict=True)]:
                     future.result()
         bar.update()
     finally:
         bar.close()
-    return dict(zip(("ct", "suv", "suv_ct", "image", "provenance"), finals))
+    return dict(zip(("ct", "suv", "suv_ct", "image", "provenance"), finals, strict=True))
 
 
 def _series_record(series: Any) -> dict[str, Any]:

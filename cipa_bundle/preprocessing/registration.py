@@ -35,6 +35,7 @@ __all__ = [
     "RigidResult",
     "check_frame_of_reference",
     "resample_to_reference",
+    "rigid_gate",
     "rigid_refine",
     "REGISTRATION_CT_WINDOW_HU",
     "REGISTRATION_SUV_WINDOW",
@@ -323,6 +324,53 @@ def _metric_at(fixed, moving, mask_object, transform, bins: int) -> float:
     return float(metric.GetValue())
 
 
+def rigid_gate(
+    translation_mm: tuple[float, float, float],
+    rotation_deg: float,
+    metric_value: float,
+    metric_identity: float,
+    *,
+    max_translation_mm: float = 10.0,
+    max_rotation_deg: float = 3.0,
+    min_translation_mm: float = 1.0,
+    min_rotation_deg: float = 0.5,
+) -> tuple[bool, str]:
+    """Decide whether a rigid PET -> CT correction is applied (see :func:`rigid_refine` for the limits' meaning).
+
+    Rules, in order (the first that fires decides):
+
+    1. non-finite parameters or metric: rejected (diverged);
+    2. ``|t| >= max_translation_mm``: rejected;
+    3. ``rotation >= max_rotation_deg``: rejected;
+    4. Mattes MI not lower than at the identity (``metric_value >= metric_identity``): rejected;
+    5. ``|t| < min_translation_mm`` and ``rotation < min_rotation_deg``: not applied (indistinguishable from the
+       identity);
+    6. otherwise: applied.
+
+    Returns:
+        ``(accepted, reason)``; the reason is one sentence naming the numbers compared.
+    """
+    values = [*translation_mm, rotation_deg, metric_value, metric_identity]
+    if not all(math.isfinite(float(v)) for v in values):
+        return False, "registration diverged (non-finite parameters or metric): identity kept"
+    norm = float(np.linalg.norm(translation_mm))
+    if norm >= max_translation_mm:
+        return False, f"|t| = {norm:.2f} mm >= {max_translation_mm:g} mm: identity kept"
+    if rotation_deg >= max_rotation_deg:
+        return False, f"rotation {rotation_deg:.2f} deg >= {max_rotation_deg:g} deg: identity kept"
+    if not metric_value < metric_identity:
+        return False, (
+            f"mutual information did not improve ({metric_value:.5f} vs {metric_identity:.5f} at identity): "
+            "identity kept"
+        )
+    if norm < min_translation_mm and rotation_deg < min_rotation_deg:
+        return False, (
+            f"|t| = {norm:.2f} mm and rotation {rotation_deg:.2f} deg are below {min_translation_mm:g} mm / "
+            f"{min_rotation_deg:g} deg (registration precision): identity kept"
+        )
+    return True, f"|t| = {norm:.2f} mm, rotation {rotation_deg:.2f} deg within the gate: applied"
+
+
 def rigid_refine(
     fixed_ct: Volume,
     moving_pet: Volume,
@@ -335,7 +383,7 @@ def rigid_refine(
     working_spacing_mm: float = 4.0,
     ct_smoothing_mm: float = 3.0,
     pet_smoothing_mm: float = 2.0,
-    max_samples: int = 200_000,
+    max_samples: int = 100_000,
     histogram_bins: int = 50,
     iterations: int = 200,
     shrink_factors: tuple[int, int, int] = (4, 2, 1),
@@ -455,26 +503,11 @@ def rigid_refine(
     identity.SetCenter(list(centre))
     metric_identity = _metric_at(fixed, moving, mask_object, identity, histogram_bins)
     metric_final = _metric_at(fixed, moving, mask_object, initial, histogram_bins)
-    norm = float(np.linalg.norm(translation))
-
-    if not (math.isfinite(metric_final) and all(math.isfinite(t) for t in translation) and math.isfinite(angle)):
-        accepted, reason = False, "registration diverged (non-finite parameters or metric): identity kept"
-    elif norm >= max_translation_mm:
-        accepted, reason = False, f"|t| = {norm:.2f} mm >= {max_translation_mm:g} mm: identity kept"
-    elif angle >= max_rotation_deg:
-        accepted, reason = False, f"rotation {angle:.2f} deg >= {max_rotation_deg:g} deg: identity kept"
-    elif not metric_final < metric_identity:
-        accepted, reason = False, (
-            f"mutual information did not improve ({metric_final:.5f} vs {metric_identity:.5f} at identity): "
-            "identity kept"
-        )
-    elif norm < min_translation_mm and angle < min_rotation_deg:
-        accepted, reason = False, (
-            f"|t| = {norm:.2f} mm and rotation {angle:.2f} deg are below {min_translation_mm:g} mm / "
-            f"{min_rotation_deg:g} deg (registration precision): identity kept"
-        )
-    else:
-        accepted, reason = True, f"|t| = {norm:.2f} mm, rotation {angle:.2f} deg within the gate: applied"
+    accepted, reason = rigid_gate(
+        translation, angle, metric_final, metric_identity,
+        max_translation_mm=max_translation_mm, max_rotation_deg=max_rotation_deg,
+        min_translation_mm=min_translation_mm, min_rotation_deg=min_rotation_deg,
+    )
 
     return RigidResult(
         translation_mm=translation,  # type: ignore[arg-type]
