@@ -99,8 +99,8 @@ def test_tracing_the_numba_backend_fails(tiny_weights, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.xfail(
     raises=RuntimeError, strict=True,
-    reason="torch.export (step 1 of torch.onnx.export(dynamo=True)) lifts a fake-tensor constant: CIPA.forward calls "
-    "x.as_subclass(torch.Tensor) to drop MetaTensor metadata, which export cannot trace through",
+    reason="torch.export (step 1 of torch.onnx.export(dynamo=True)) does not yet export CIPA through the pure-PyTorch "
+    "scan: it raises RuntimeError (see docs/README.md, Export)",
 )
 def test_torch_export_for_onnx(tiny_weights, monkeypatch):
     net, _ = tiny_weights

@@ -96,7 +96,8 @@ class CIPA(nn.Module):
             )
         # Plain tensors inside: a MetaTensor would carry its metadata through hundreds of small ops, which costs more
         # than the ops themselves at demo sizes. Callers (SliceInferer, Invertd) keep the metadata outside.
-        x = x.as_subclass(torch.Tensor)
+        if type(x) is not torch.Tensor:  # keeps plain tensors untouched, which torch.export needs
+            x = x.as_subclass(torch.Tensor)
         batch = x.shape[0]
         # Both modalities go through the shared encoder in one batch: identical to two calls (the encoder has
         # no batch statistics) and faster.

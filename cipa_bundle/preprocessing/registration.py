@@ -129,18 +129,15 @@ def resample_to_reference(
     if isinstance(transform, RigidResult):
         transform = transform.applied_transform()
 
-    if interpolation == "linear":
-        image = _to_itk_float(moving)
-        out_dtype: Any = np.float32
-    else:
-        # ITK's Python wrapping covers only some integer pixel types; labels go through int16 or float32 exactly.
-        out_dtype = moving.array.dtype
-        if np.issubdtype(out_dtype, np.integer) and moving.array.min(initial=0) >= -32768 and (
-            moving.array.max(initial=0) <= 32767
-        ):
-            image = Volume(np.asarray(moving.array, dtype=np.int16), moving.affine).to_itk()
-        else:
-            image = Volume(np.asarray(moving.array, dtype=np.float32), moving.affine).to_itk()
+    out_dtype: Any = np.float32 if interpolation == "linear" else moving.array.dtype
+    # ITK's Python wrapping covers only some pixel types: labels go through int16 (or float32, exact for integers
+    # below 2**24), images through float32.
+    pixel_dtype: Any = np.float32
+    if interpolation == "nearest" and np.issubdtype(out_dtype, np.integer) and (
+        moving.array.min(initial=0) >= -32768 and moving.array.max(initial=0) <= 32767
+    ):
+        pixel_dtype = np.int16
+    image = Volume(np.asarray(moving.array, dtype=pixel_dtype), moving.affine).to_itk()
     image_type = type(image)
     spacing, origin, direction = _itk_geometry(reference)
 
@@ -155,8 +152,7 @@ def resample_to_reference(
     resampler.SetOutputOrigin(origin)
     resampler.SetOutputDirection(direction)
     resampler.SetSize([int(s) for s in reference.shape])
-    integer_pixels = not np.issubdtype(itk.array_view_from_image(image).dtype, np.floating)
-    resampler.SetDefaultPixelValue(int(round(default_value)) if integer_pixels else float(default_value))
+    resampler.SetDefaultPixelValue(int(round(default_value)) if pixel_dtype is np.int16 else float(default_value))
     if transform is not None:
         resampler.SetTransform(transform)
     resampler.Update()

@@ -1,0 +1,84 @@
+"""Benchmark the CIPA network on the CPU: (b) forward at 512x512, batch 1, against a dense matmul job of the same
+FLOPs measured in the same run, with peak memory; (c) forward + backward at batch 2.
+
+Usage::
+
+    python benchmarks/bench_model.py                 # the paper's configuration
+    python benchmarks/bench_model.py --img-size 256 --dims 30 --skip-backward   # quicker look
+
+Prints a Markdown table; paste it into docs/performance.md ("Network") with the machine description.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import resource
+import time
+
+import torch
+
+from cipa_bundle.networks import CIPA
+
+#: fvcore's count for the default model at 512x512 without the scans (cipa_architecture.md section 9).
+PAPER_GFLOPS = 74.32
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def _dense_matmul_seconds(gflops: float, size: int = 2048) -> float:
+    """Time square fp32 matmuls adding up to ``gflops`` (2 * n^3 FLOPs each): the machine's dense-compute yardstick."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    count = max(1, round(gflops * 1e9 / (2 * size**3)))
+    start = time.perf_counter()
+    for _ in range(count):
+        torch.mm(a, b)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--img-size", type=int, default=512)
+    parser.add_argument("--dims", type=int, default=96)
+    parser.add_argument("--skip-backward", action="store_true")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    model = CIPA(img_size=args.img_size, dims=args.dims)
+    params = sum(p.numel() for p in model.parameters())
+    gflops = PAPER_GFLOPS * (args.img_size / 512) ** 2 * (args.dims / 96) ** 2
+    rows = []
+
+    model.eval()
+    x = torch.randn(1, 2, args.img_size, args.img_size)
+    with torch.no_grad():
+        model(x)  # JIT-compiles the scan kernels (cached on disk afterwards)
+        start = time.perf_counter()
+        model(x)
+        forward = time.perf_counter() - start
+    dense = _dense_matmul_seconds(gflops)
+    rows.append(("(b) forward, batch 1", forward, dense, _peak_rss_gb()))
+
+    if not args.skip_backward:
+        model.train()
+        x2 = torch.randn(2, 2, args.img_size, args.img_size)
+        start = time.perf_counter()
+        model(x2).float().square().mean().backward()
+        rows.append(("(c) forward + backward, batch 2", time.perf_counter() - start, None, _peak_rss_gb()))
+
+    print(f"CIPA img_size={args.img_size} dims={args.dims}: {params:,} parameters, ~{gflops:.1f} GFLOPs without scans")
+    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print()
+    print("| run | seconds | dense matmul of the same FLOPs, s | ratio | peak RSS GB |")
+    print("|---|---|---|---|---|")
+    for name, seconds, reference, rss in rows:
+        ratio = f"{seconds / reference:.1f}x" if reference else "-"
+        reference_text = f"{reference:.2f}" if reference else "-"
+        print(f"| {name} | {seconds:.2f} | {reference_text} | {ratio} | {rss:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
