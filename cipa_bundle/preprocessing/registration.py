@@ -397,7 +397,7 @@ def rigid_refine(
       what makes a clinical CT cheap: ~1 M voxels instead of 40 M) and smoothed by ``ct_smoothing_mm``, roughly
       the PET's own resolution (PSF of 5-7 mm FWHM on 4 mm voxels). The PET is smoothed by ``pet_smoothing_mm``:
       without it, PET noise makes the metric prefer positions where linear interpolation averages neighbouring PET
-      voxels (half a voxel off the grid), a bias of up to 1 mm on the phantom; with it, below 0.35 mm.
+      voxels (half a voxel off the grid), a bias of up to 1 mm on the phantom; with it, at most 0.5 mm.
     * **A fixed sample domain.** Only CT voxels that stay inside the PET field of view for any displacement up to
       ``max_translation_mm`` are sampled, so the metric does not jump when a CT slab leaves the PET.
     * **Consistent derivatives.** The moving-image gradient is taken by central differences at each sample
