@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cipa_bundle.networks.scan import selective_scan
+from cipa_bundle.networks.scan.reference import scan_compute_dtype
 
 __all__ = ["SelectiveScanCore", "SS2D", "SS1D", "cross_scan", "cross_merge", "auto_dt_rank", "drop_path_schedule"]
 
@@ -101,7 +102,7 @@ class SelectiveScanCore(nn.Module):
         y = selective_scan(
             xs.reshape(batch, k * d_inner, length),
             dt.reshape(batch, k * d_inner, length),
-            -torch.exp(self.A_log.to(torch.float64 if xs.dtype == torch.float64 else torch.float32)),
+            -torch.exp(self.A_log.to(scan_compute_dtype(xs.dtype))),
             b_proj,
             c_proj,
             D=self.D,
