@@ -61,6 +61,12 @@ def selective_scan_cuda(
     scan = _mamba_scan()
     assert not isinstance(scan, str)
     f32 = torch.float32
+    if delta_bias is not None and not delta_softplus:
+        # mamba-ssm 2.3.2's backward returns NaN gradients for a bias without softplus when L leaves a partial
+        # chunk (seen on an H200 at L = 257, 300, 2049; not at 256, 512, 2048): its padded tail steps use dt = bias,
+        # which may be negative there. Adding the bias ourselves is the same function and keeps the tail at dt = 0.
+        delta = delta.to(f32) + delta_bias.to(f32)[:, None]
+        delta_bias = None
     return scan(
         u.to(f32),
         delta.to(f32),
