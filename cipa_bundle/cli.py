@@ -101,7 +101,16 @@ class Commands:
         paths = make_phantom_dataset(out_dir, cases, seed, shift, vendor, size, noise, blur)
         return [str(p) for p in paths]
 
-    def convert(self, study_dir: str, out_dir: str, register: str = "none", kind: str = "bw") -> dict[str, str]:
+    def convert(
+        self,
+        study_dir: str,
+        out_dir: str,
+        register: str = "none",
+        kind: str = "bw",
+        studies_dir: str | None = None,
+        case_id: str | None = None,
+        label: str | None = None,
+    ) -> dict[str, str]:
         """Convert a DICOM PET-CT study to ct/suv/suv_ct/image NIfTIs and provenance.json (PET resampled onto CT).
 
         Args:
@@ -109,10 +118,17 @@ class Commands:
             out_dir: output folder.
             register: none (same frame of reference, identity) or rigid (gated rigid PET->CT refinement).
             kind: SUV normalisation: bw (body weight), lbm (SUL) or bsa.
+            studies_dir: also write a MONAI Label studies folder: STUDIES_DIR/CASE_ID.nii.gz (the fused image) and,
+                with a label, STUDIES_DIR/labels/final/CASE_ID.nii.gz. An existing case with other content is refused.
+            case_id: the case's name in STUDIES_DIR (default: the name of OUT_DIR).
+            label: tumour mask NIfTI on the CT grid for STUDIES_DIR (default: OUT_DIR/label.nii.gz if it exists).
         """
         from cipa_bundle.preprocessing.convert import convert_study
 
-        return {k: str(v) for k, v in convert_study(study_dir, out_dir, register, kind).items()}
+        # fire turns "--case_id 12" into the int 12; a case id is a name.
+        case = None if case_id is None else str(case_id)
+        written = convert_study(study_dir, out_dir, register, kind, studies_dir=studies_dir, case_id=case, label=label)
+        return {k: str(v) for k, v in written.items()}
 
     def predict(
         self,

@@ -81,7 +81,11 @@ def test_metadata_describes_the_network_contract() -> None:
     pred = meta["network_data_format"]["outputs"]["pred"]
     assert (image["num_channels"], image["channel_def"]) == (2, {"0": "CT", "1": "PET"})
     assert image["spatial_shape"] == [512, 512] and image["value_range"] == [-1.6, 1.6]
-    assert (pred["num_channels"], pred["channel_def"]) == (1, {"0": "tumor"})
+    # One sigmoid channel; channel_def gives the label values of the thresholded mask (0 background, 1 tumour),
+    # which is how MONAI Label reads it (issue 4 wrote {"0": "tumor"}, which MONAI Label turns into tumor = 0).
+    assert (pred["num_channels"], pred["channel_def"]) == (1, {"0": "background", "1": "tumor"})
+    post = meta["network_data_format"]["post_processed_outputs"]["pred"]
+    assert post["channel_def"] == pred["channel_def"]
     assert pred["spatial_shape"] == image["spatial_shape"] and pred["dtype"] == image["dtype"] == "float32"
     assert "logit" in meta["pred_classes"] and "sigmoid" in meta["pred_classes"]
     assert meta["version"] in meta["changelog"]

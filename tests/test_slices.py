@@ -16,6 +16,7 @@ from cipa_bundle.data.slices import (
     ExtractAxialSlice,
     ExtractAxialSliced,
     LoadPCLT20Kd,
+    LoadPETCTSliced,
     ReadGrayPNG,
     axial_axis,
     sample_axial_slices,
@@ -162,6 +163,61 @@ def test_pclt20k_errors(tmp_path):
     Image.fromarray(np.zeros((4, 4), np.uint16)).save(sixteen)
     with pytest.raises(CipaInputError, match="8-bit"):
         ReadGrayPNG()(sixteen)
+
+
+# ------------------------------------------------------------------------------------------- any item kind
+def test_load_petct_slice_from_separate_hu_and_suv_volumes(tmp_path):
+    # autoPET-style item: CT in HU and PET in SUV on one grid. Hand-computed: window [-1200, -200] HU and SUV / 10.
+    ct = np.full((NI, NJ, NK), -700.0, np.float32)  # -> 0.5
+    ct[1, 2, 3] = 300.0  # above the window -> 1
+    pet = np.zeros((NI, NJ, NK), np.float32)
+    pet[4, 0, 3] = 2.5  # -> 0.25
+    pet[0, 3, 3] = 14.0  # above SUV 10 -> 1
+    label = np.zeros((NI, NJ, NK), np.uint8)
+    label[4, 0, 3] = 1
+    item = {
+        "ct": str(_save(tmp_path / "CTres.nii.gz", ct, LPS_LIKE)),
+        "pet": str(_save(tmp_path / "SUV.nii.gz", pet, LPS_LIKE)),
+        "label": str(_save(tmp_path / "SEG.nii.gz", label, LPS_LIKE)),
+        "slice": 3,
+    }
+    out = LoadPETCTSliced()(item)
+    image = out["image"]
+    assert image.shape == (2, NJ, NI) and out["label"].shape == (1, NJ, NI)
+    assert "ct" not in out and "pet" not in out
+    # LPS voxel order is the display view: (i, j) -> row j, column i
+    assert image[0, 0, 0].item() == pytest.approx(0.5) and image[0, 2, 1].item() == pytest.approx(1.0)
+    assert image[1, 0, 4].item() == pytest.approx(0.25) and image[1, 3, 0].item() == pytest.approx(1.0)
+    assert image[1].sum().item() == pytest.approx(1.25)
+    assert out["label"][0].nonzero().tolist() == [[0, 4]]
+    np.testing.assert_allclose(image.affine.numpy(), ExtractAxialSlice()(item["ct"], 3).affine.numpy())
+    # A custom window and SUV scale are honoured.
+    custom = LoadPETCTSliced(ct_window_hu=(-700.0, 300.0), suv_max=5.0)(item)["image"]
+    assert custom[0, 0, 0].item() == pytest.approx(0.0) and custom[1, 0, 4].item() == pytest.approx(0.5)
+
+
+def test_load_petct_slice_from_fused_image_and_pclt20k_pngs(tmp_path):
+    fused = _save(tmp_path / "image.nii.gz", _volume(2), LPS_LIKE)
+    item = {"image": str(fused), "slice": 2}
+    got = LoadPETCTSliced()(item)["image"]
+    np.testing.assert_array_equal(got.numpy(), ExtractAxialSliced(["image"])(item)["image"].numpy())
+    pngs = {
+        "ct": _png(tmp_path / "p_CT.png", np.full((6, 4), 51)),
+        "pet": _png(tmp_path / "p_PET.png", np.full((6, 4), 102)),
+        "label": _png(tmp_path / "p_mask.png", np.zeros((6, 4))),
+    }
+    out = LoadPETCTSliced()(pngs)
+    np.testing.assert_array_equal(out["image"].numpy(), LoadPCLT20Kd()(pngs)["image"].numpy())
+    assert out["image"][1, 0, 0].item() == pytest.approx(0.4)
+
+
+def test_load_petct_slice_errors_name_the_files(tmp_path):
+    ct = _save(tmp_path / "CTres.nii.gz", np.zeros((NI, NJ, NK), np.float32), LPS_LIKE)
+    pet = _save(tmp_path / "SUV.nii.gz", np.zeros((NI + 1, NJ, NK), np.float32), LPS_LIKE)
+    with pytest.raises(CipaInputError, match=r"CTres\.nii\.gz.*SUV\.nii\.gz.*resampled onto the CT grid"):
+        LoadPETCTSliced()({"ct": str(ct), "pet": str(pet), "slice": 1})
+    with pytest.raises(CipaInputError, match="expected 'image'"):
+        LoadPETCTSliced()({"ct": str(ct), "slice": 1})
 
 
 # ------------------------------------------------------------------------------------------- sampling

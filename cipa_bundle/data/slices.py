@@ -43,6 +43,7 @@ __all__ = [
     "ExtractAxialSliced",
     "ReadGrayPNG",
     "LoadPCLT20Kd",
+    "LoadPETCTSliced",
     "sample_axial_slices",
     "expand_datalist_slices",
     "write_slice_datalist",
@@ -280,6 +281,78 @@ class LoadPCLT20Kd(MapTransform):
                     f"{tuple(ct.shape[1:])}; expected the same size"
                 )
             d[self.label_key] = label
+        return d
+
+
+
+class LoadPETCTSliced(MapTransform):
+    """Any training or validation item of this project -> ``image`` ``(2, H, W)`` [CT, PET] in [0, 1] and ``label``
+    ``(1, H, W)``, in the display orientation, whatever datalist source the item came from.
+
+    Item kinds (decided per item, so one datalist may mix them):
+
+    * ``{"image", "label", "slice"}``: the fused 2-channel NIfTI that ``cipa-bundle convert`` writes (already windowed
+      and scaled) -> :class:`ExtractAxialSliced`.
+    * ``{"ct", "pet", "label", "slice"}`` with NIfTI paths: separate CT (HU) and PET (SUV) volumes on one voxel grid,
+      as in the autoPET release (``CTres.nii.gz``, ``SUV.nii.gz``) -> the slice of each, then
+      :class:`~cipa_bundle.preprocessing.transforms.WindowCT` and
+      :class:`~cipa_bundle.preprocessing.transforms.ScaleSUV` with the same window and SUV scale ``convert`` uses,
+      so every source reaches the network with the same intensities.
+    * ``{"ct", "pet", "label"}`` with PNG paths: a PCLT20K slice pair -> :class:`LoadPCLT20Kd`.
+
+    The label is optional everywhere (inference items have none).
+
+    Args:
+        image_key, ct_key, pet_key, label_key, slice_key: item keys.
+        ct_window_hu: HU window mapped to [0, 1] for CT volumes given in HU.
+        suv_max: SUV mapped to 1 for PET volumes given in SUV.
+    """
+
+    def __init__(
+        self,
+        image_key: str = "image",
+        ct_key: str = "ct",
+        pet_key: str = "pet",
+        label_key: str = "label",
+        slice_key: str = "slice",
+        ct_window_hu: Sequence[float] | None = None,
+        suv_max: float | None = None,
+    ) -> None:
+        from cipa_bundle.preprocessing.transforms import DEFAULT_CT_WINDOW_HU, DEFAULT_SUV_MAX, ScaleSUV, WindowCT
+
+        super().__init__([image_key, ct_key, pet_key], allow_missing_keys=True)
+        self.image_key, self.ct_key, self.pet_key = image_key, ct_key, pet_key
+        self.label_key, self.slice_key = label_key, slice_key
+        hu = tuple(ct_window_hu) if ct_window_hu is not None else DEFAULT_CT_WINDOW_HU
+        self.window_ct = WindowCT(float(hu[0]), float(hu[1]))
+        self.scale_suv = ScaleSUV(float(suv_max) if suv_max is not None else DEFAULT_SUV_MAX)
+        self.fused = ExtractAxialSliced([image_key, label_key], slice_key=slice_key, allow_missing_keys=True)
+        self.separate = ExtractAxialSliced([ct_key, pet_key, label_key], slice_key=slice_key, allow_missing_keys=True)
+        self.pclt20k = LoadPCLT20Kd(ct_key=ct_key, pet_key=pet_key, label_key=label_key, image_key=image_key)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        if self.image_key in d:
+            return self.fused(d)
+        if self.ct_key not in d or self.pet_key not in d:
+            raise CipaInputError(
+                f"item has keys {sorted(map(str, d))}; expected {self.image_key!r} (a fused CT/PET NIfTI) or both "
+                f"{self.ct_key!r} and {self.pet_key!r} (CT and PET NIfTI volumes, or PCLT20K PNGs)"
+            )
+        if all(str(d[key]).lower().endswith(".png") for key in (self.ct_key, self.pet_key)):
+            return self.pclt20k(d)
+        d = self.separate(d)
+        ct, pet = d.pop(self.ct_key), d.pop(self.pet_key)
+        if ct.shape != pet.shape or not torch.allclose(ct.affine, pet.affine, atol=1e-2):
+            raise CipaInputError(
+                f"CT {data[self.ct_key]} slice {d[self.slice_key]} is {tuple(ct.shape[1:])} pixels and PET "
+                f"{data[self.pet_key]} is {tuple(pet.shape[1:])}, with affines differing by "
+                f"{float((ct.affine - pet.affine).abs().max()) if ct.shape == pet.shape else float('nan'):.3g} mm; "
+                "expected the PET resampled onto the CT grid (autoPET's CTres.nii.gz / SUV.nii.gz are)"
+            )
+        image = torch.cat([self.window_ct(ct).as_tensor(), self.scale_suv(pet).as_tensor()], dim=0)
+        meta = {k: v for k, v in ct.meta.items() if k != "affine"}  # the affine goes in once, explicitly
+        d[self.image_key] = MetaTensor(image, affine=ct.affine, meta=meta)
         return d
 
 

@@ -28,11 +28,24 @@ Outputs in ``out_dir``:
 =====================  ==============================================================================================
 
 All NIfTI affines map voxel indices to RAS mm (the patient coordinates of the DICOM, with x and y negated).
+
+**MONAI Label studies folder** (``studies_dir``, ``cipa-bundle convert ... --studies_dir DIR``). MONAI Label's
+datastore lists the image files at the top level of one folder and finds final labels under ``labels/final`` with
+the same file name, and a request or a training item carries exactly one image. The bundle's input contract for
+MONAI Label is therefore the fused ``image.nii.gz`` itself (CT and SUV already co-registered; SUV needs the DICOM
+headers, so the fusion happens here, once, offline). With ``studies_dir`` the same bytes are also written as
+``<studies_dir>/<case_id>.nii.gz``, and a label on the CT grid (``label=``, or ``label.nii.gz`` already in
+``out_dir``) as ``<studies_dir>/labels/final/<case_id>.nii.gz``, in the same all-or-nothing write as the other
+outputs. A case that already exists there with different content is refused, never overwritten (it may hold an
+annotator's corrected label).
 """
 
 from __future__ import annotations
 
+import gzip
 import os
+import re
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -43,13 +56,29 @@ from cipa_bundle.errors import CipaInputError
 from cipa_bundle.io.volume import Volume
 from cipa_bundle.preprocessing.transforms import DEFAULT_CT_WINDOW_HU, DEFAULT_SUV_MAX
 
-__all__ = ["OUTPUT_FILES", "StudyLayoutError", "convert_study", "find_study_series"]
+__all__ = [
+    "OUTPUT_FILES",
+    "STUDIES_LABEL_DIR",
+    "StudyLayoutError",
+    "convert_study",
+    "find_study_series",
+    "studies_case_paths",
+]
 
 #: Files written by :func:`convert_study`, in writing order.
 OUTPUT_FILES: tuple[str, ...] = ("ct.nii.gz", "suv.nii.gz", "suv_ct.nii.gz", "image.nii.gz", "provenance.json")
 
 _REGISTER = ("none", "rigid")
 _KINDS = ("bw", "lbm", "bsa")
+
+#: Where MONAI Label's local datastore keeps final (approved) labels, relative to the studies folder.
+STUDIES_LABEL_DIR = ("labels", "final")
+#: The label ``convert_study`` picks up from ``out_dir`` when no ``label`` is given (the layout ``datalist studies``
+#: reads).
+_DEFAULT_LABEL = "label.nii.gz"
+# MONAI Label turns a file name into an image id by removing the extension text wherever it occurs, so ".nii" inside
+# an id would corrupt it; path separators would leave the flat folder the datastore lists.
+_CASE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 class StudyLayoutError(CipaInputError):
@@ -115,6 +144,72 @@ def _versions() -> dict[str, str]:
     return versions
 
 
+def studies_case_paths(studies_dir: str | os.PathLike[str], case_id: str) -> tuple[Path, Path]:
+    """Where MONAI Label's local datastore expects one case.
+
+    Returns:
+        ``(<studies>/<id>.nii.gz, <studies>/labels/final/<id>.nii.gz)``: the image and its final label.
+
+    Raises:
+        CipaInputError: ``case_id`` is not a plain file-name stem (letters, digits, ``.``, ``_``, ``-``; not starting
+            with ``.``, ``_`` or ``-``; no ``.nii`` inside).
+    """
+    if not _CASE_ID.fullmatch(case_id) or ".nii" in case_id.lower():
+        raise CipaInputError(
+            f"convert: case id {case_id!r} cannot name a MONAI Label study; expected letters, digits, '.', '_' or '-' "
+            "(starting with a letter or digit, without '.nii'); pass --case_id"
+        )
+    root = Path(studies_dir)
+    return root / f"{case_id}.nii.gz", root.joinpath(*STUDIES_LABEL_DIR, f"{case_id}.nii.gz")
+
+
+def _check_label_grid(label: Path, ct_volume: Volume, image_path: Path, case: str) -> None:
+    """Refuse a label that is not a 3-D mask on the CT grid (the grid of ``image.nii.gz``)."""
+    from cipa_bundle.data.datalist import _header, _same_grid, _spatial_label
+
+    shape, affine = _header(label, case)
+    _spatial_label(case, label, shape)
+    _same_grid(case, (label, shape, affine), (image_path, tuple(ct_volume.shape), np.asarray(ct_volume.affine)))
+
+
+def _gz_bytes(path: Path) -> bytes:
+    """A NIfTI file as ``.nii.gz`` bytes: copied unchanged when already gzipped, else gzipped (zero timestamp)."""
+    raw = path.read_bytes()
+    return raw if raw[:2] == b"\x1f\x8b" else gzip.compress(raw, compresslevel=1, mtime=0)
+
+
+def _same_gz_content(a: Path, b: Path, chunk: int = 1 << 20) -> bool:
+    """Whether two ``.nii.gz`` files hold the same uncompressed bytes (streamed: clinical volumes are large)."""
+    with gzip.open(a, "rb") as fa, gzip.open(b, "rb") as fb:
+        while True:
+            ca, cb = fa.read(chunk), fb.read(chunk)
+            if ca != cb:
+                return False
+            if not ca:
+                return True
+
+
+def _refuse_changed(final: Path, temp: Path, what: str) -> None:
+    """Raise if ``final`` exists with content other than the freshly written ``temp`` (re-running is allowed).
+
+    Args:
+        final: the studies-folder file that would be replaced.
+        temp: the new content, already written under its temporary name.
+        what: what the new content is, for the message (e.g. ``"the fused image converted from <study>"``).
+    """
+    if not final.exists():
+        return
+    hint = "another study (or an edited label) has this case id: remove the file or choose another --case_id"
+    try:
+        same = _same_gz_content(final, temp)
+    except (OSError, EOFError) as err:  # not gzip, truncated: certainly not what we would write
+        raise CipaInputError(
+            f"convert: {final} already exists and cannot be compared ({err}); expected no file or {what}; {hint}"
+        ) from err
+    if not same:
+        raise CipaInputError(f"convert: {final} already exists with content other than {what}; {hint}")
+
+
 def _ct_for_nifti(series: Any) -> Volume:
     """The CT volume in the dtype that stores its HU exactly: int16 when every slice's RescaleSlope and
     RescaleIntercept are integers (HU = integer stored values), else float32. Fortran-ordered, as NIfTI stores it."""
@@ -144,6 +239,9 @@ def convert_study(
     suv_max: float = DEFAULT_SUV_MAX,
     seed: int = 0,
     progress: bool = True,
+    studies_dir: str | os.PathLike[str] | None = None,
+    case_id: str | None = None,
+    label: str | os.PathLike[str] | None = None,
 ) -> dict[str, Path]:
     """Convert a DICOM PET-CT study into ``ct``, ``suv``, ``suv_ct``, ``image`` NIfTIs and ``provenance.json``.
 
@@ -159,14 +257,22 @@ def convert_study(
         suv_max: SUV mapped to 1 in ``image.nii.gz``.
         seed: registration sampling seed.
         progress: show a tqdm progress bar on stderr.
+        studies_dir: also write the case into this MONAI Label studies folder (see the module docstring):
+            ``<studies_dir>/<case_id>.nii.gz`` (the fused image) and, when a label is available,
+            ``<studies_dir>/labels/final/<case_id>.nii.gz``.
+        case_id: the case's name in ``studies_dir``; default the name of ``out_dir``.
+        label: ``(I, J, K)`` tumour mask NIfTI on the CT grid, for ``studies_dir``; default ``out_dir/label.nii.gz``
+            when that file exists. Copied unchanged (gzipped if it was a plain ``.nii``).
 
     Returns:
-        ``{"ct": path, "suv": path, "suv_ct": path, "image": path, "provenance": path}``.
+        ``{"ct": path, "suv": path, "suv_ct": path, "image": path, "provenance": path}``, plus ``"studies_image"``
+        and (with a label) ``"studies_label"`` when ``studies_dir`` is given.
 
     Raises:
         CipaInputError: bad arguments, a study without exactly one CT and one PET series, unreadable DICOM
-            geometry, an SUV that cannot be trusted (E1-E17), or mismatched frames of reference (E15). Nothing is
-            written in that case.
+            geometry, an SUV that cannot be trusted (E1-E17), mismatched frames of reference (E15), a label that is
+            not on the CT grid, or a case already in ``studies_dir`` with different content. Nothing is written in
+            that case.
     """
     import torch
     from tqdm import tqdm
@@ -183,6 +289,22 @@ def convert_study(
         raise CipaInputError(f"convert: kind={suv_kind!r} is not supported; expected one of {', '.join(_KINDS)}")
     study = Path(study_dir)
     out = Path(out_dir)
+    studies: tuple[Path, Path] | None = None
+    label_path: Path | None = None
+    if studies_dir is not None:
+        # Resolve first: out_dir may be "." or end in "..", whose own name says nothing.
+        case = case_id if case_id is not None else out.resolve().name
+        studies = studies_case_paths(studies_dir, case)
+        if label is not None:
+            label_path = Path(label)
+            if not label_path.is_file():
+                raise CipaInputError(
+                    f"convert: label {label_path} does not exist; expected a NIfTI mask on the CT grid"
+                )
+        elif (out / _DEFAULT_LABEL).is_file():
+            label_path = out / _DEFAULT_LABEL
+    elif label is not None or case_id is not None:
+        raise CipaInputError("convert: label and case_id name a MONAI Label study; they need studies_dir as well")
     steps = ["find series", "read CT", "read PET + SUV", "frame of reference", "register", "resample", "write"]
     bar = tqdm(total=len(steps), desc="convert", unit="step", disable=not progress, leave=False)
 
@@ -195,6 +317,8 @@ def convert_study(
         bar.update()
         step(steps[1])
         ct = read_series(ct_files, modality="CT")
+        if label_path is not None:  # before the slow steps: a label on another grid is a plain input error
+            _check_label_grid(label_path, ct.volume, out / "image.nii.gz", str(study))
         bar.update()
         step(steps[2])
         pet = read_series(pet_files, modality="PT")
@@ -248,6 +372,10 @@ def convert_study(
                 "network_normalisation_applied": False,
             },
             "outputs": list(OUTPUT_FILES),
+            "monailabel_studies": None if studies is None else {
+                "image": str(studies[0]), "label": str(studies[1]) if label_path is not None else None,
+                "label_source": str(label_path) if label_path is not None else None,
+            },
             "versions": _versions(),
         }
         text = json_text(provenance).encode("utf-8")  # serialise first: a bad value fails before any file exists
@@ -259,6 +387,9 @@ def convert_study(
             lambda: text,
         ]
         finals = [out / name for name in OUTPUT_FILES]
+        extra: list[Path] = []  # the studies copies, renamed in the same all-or-nothing group
+        if studies is not None:
+            extra = [studies[0]] + ([studies[1]] if label_path is not None else [])
 
         def write(temp: Path, payload: Any) -> None:
             with open(temp, "wb") as fh:
@@ -266,15 +397,24 @@ def convert_study(
                 fh.flush()
                 os.fsync(fh.fileno())
 
-        with atomic_outputs(finals) as temps:
+        with atomic_outputs(finals + extra) as temps:
             # gzip dominates the write step and zlib releases the GIL, so the files compress in parallel.
             with ThreadPoolExecutor(max_workers=max(1, min(len(finals), os.cpu_count() or 1))) as pool:
-                for future in [pool.submit(write, t, p) for t, p in zip(temps, payloads, strict=True)]:
+                for future in [pool.submit(write, t, p) for t, p in zip(temps, payloads)]:
                     future.result()
+            if studies is not None:
+                image_index = OUTPUT_FILES.index("image.nii.gz")
+                shutil.copyfile(temps[image_index], temps[len(finals)])  # the same bytes, not a second encoding
+                _refuse_changed(extra[0], temps[len(finals)], f"the fused image converted from {study}")
+                if label_path is not None:
+                    write(temps[len(finals) + 1], lambda: _gz_bytes(label_path))
+                    _refuse_changed(extra[1], temps[len(finals) + 1], f"the label {label_path}")
         bar.update()
     finally:
         bar.close()
-    return dict(zip(("ct", "suv", "suv_ct", "image", "provenance"), finals, strict=True))
+    written = dict(zip(("ct", "suv", "suv_ct", "image", "provenance"), finals, strict=True))
+    written.update(zip(("studies_image", "studies_label"), extra))
+    return written
 
 
 def _series_record(series: Any) -> dict[str, Any]:
