@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from monai.metrics import CumulativeIterationMetric
 
+from cipa_bundle.components import label_components_in_box
 from cipa_bundle.errors import CipaInputError
 
 __all__ = [
@@ -73,8 +74,6 @@ DEFAULT_THRESHOLD = 0.5
 
 #: Neighbourhood size used by the autoPET reference script (``cc3d`` connectivity 18).
 AUTOPET_CONNECTIVITY = 18
-
-_CONNECTIVITY_RANK = {6: 1, 18: 2, 26: 3}
 
 
 def _binary(mask: Any, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
@@ -146,7 +145,7 @@ def confusion_counts(pred: Any, gt: Any, threshold: float = DEFAULT_THRESHOLD) -
 
 # ---------------------------------------------------------------------------------------------------- kernels
 # scipy is not a dependency of this package (and ITK's Python wrappers take many seconds to load), so the exact
-# Euclidean distance transform and the connected-component reach below are small numba kernels.
+# Euclidean distance transform below is a small numba kernel; components come from cipa_bundle.components.
 @numba.njit(cache=True, nogil=True)
 def _squared_edt_lines(f: np.ndarray, step: float) -> np.ndarray:
     """1-D squared distance transform of each row of ``f`` (Felzenszwalb & Huttenlocher 2012, lower envelope).
@@ -206,48 +205,6 @@ def _distance_to(sites: np.ndarray, spacing: np.ndarray) -> np.ndarray:
         lines = np.ascontiguousarray(moved).reshape(-1, moved.shape[-1])
         d = np.moveaxis(_squared_edt_lines(lines, float(spacing[axis])).reshape(moved.shape), -1, axis)
     return np.sqrt(d)
-
-
-@numba.njit(cache=True, nogil=True)
-def _reach(mask: np.ndarray, seeds: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """Voxels of ``mask`` connected (through ``offsets`` steps inside ``mask``) to a voxel of ``mask & seeds``.
-
-    Args:
-        mask, seeds: C-contiguous ``uint8`` 3-D arrays of one shape.
-        offsets: ``(n, 3)`` int64 neighbour steps.
-
-    Returns:
-        ``uint8`` array, 1 where reached. A breadth-first flood fill: each voxel enters the queue at most once.
-    """
-    na, nb, nc = mask.shape
-    reached = np.zeros(mask.shape, dtype=np.uint8)
-    queue = np.empty(mask.size, dtype=np.int64)
-    head = 0
-    tail = 0
-    for a in range(na):
-        for b in range(nb):
-            for c in range(nc):
-                if mask[a, b, c] and seeds[a, b, c]:
-                    reached[a, b, c] = 1
-                    queue[tail] = (a * nb + b) * nc + c
-                    tail += 1
-    while head < tail:
-        flat = queue[head]
-        head += 1
-        a = flat // (nb * nc)
-        b = (flat // nc) % nb
-        c = flat % nc
-        for i in range(offsets.shape[0]):
-            aa = a + offsets[i, 0]
-            bb = b + offsets[i, 1]
-            cc = c + offsets[i, 2]
-            if aa < 0 or aa >= na or bb < 0 or bb >= nb or cc < 0 or cc >= nc:
-                continue
-            if mask[aa, bb, cc] and not reached[aa, bb, cc]:
-                reached[aa, bb, cc] = 1
-                queue[tail] = (aa * nb + bb) * nc + cc
-                tail += 1
-    return reached
 
 
 # ---------------------------------------------------------------------------------------------------- HD95
@@ -368,27 +325,16 @@ def case_hd95_mm(pred: Any, gt: Any, spacing: Sequence[float]) -> float:
     return hd95(p, g, spacing)
 
 
-def _offsets(connectivity: int) -> np.ndarray:
-    """The ``(n, 3)`` neighbour steps of 6-, 18- or 26-connectivity (faces; + edges; + corners)."""
-    if connectivity not in _CONNECTIVITY_RANK:
-        raise ValueError(f"connectivity must be 6, 18 or 26, got {connectivity}")
-    steps = np.array([(a, b, c) for a in (-1, 0, 1) for b in (-1, 0, 1) for c in (-1, 0, 1)], dtype=np.int64)
-    order = np.abs(steps).sum(axis=1)
-    return steps[(order > 0) & (order <= _CONNECTIVITY_RANK[connectivity])]
-
-
 def _untouched_voxels(mask: np.ndarray, other: np.ndarray, connectivity: int) -> int:
     """Voxels of the connected components of ``mask`` that share no voxel with ``other``."""
     if mask.ndim != 3 or mask.shape != other.shape:
         raise ValueError(f"need two 3-D masks of one shape, got {mask.shape} and {other.shape}")
-    offsets = _offsets(connectivity)
-    if not mask.any():
+    labels, box, n = label_components_in_box(mask, connectivity)
+    if n == 0:
         return 0
-    # Components never leave the mask's bounding box, so the flood fill only needs that box.
-    box = tuple(slice(int(ix.min()), int(ix.max()) + 1) for ix in np.nonzero(mask))
-    m = np.ascontiguousarray(mask[box], dtype=np.uint8)
-    reached = _reach(m, np.ascontiguousarray(other[box], dtype=np.uint8), offsets)
-    return int(m.sum(dtype=np.int64) - reached.sum(dtype=np.int64))
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    touched = np.unique(labels[np.asarray(other[box], dtype=bool) & (labels > 0)])
+    return int(sizes[1:].sum() - sizes[touched].sum())
 
 
 def false_positive_volume_ml(pred: Any, gt: Any, voxel_ml: float, connectivity: int = AUTOPET_CONNECTIVITY) -> float:

@@ -33,9 +33,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numba
 import numpy as np
 
+from cipa_bundle.components import label_components, label_components_in_box
 from cipa_bundle.errors import CipaInputError
 from cipa_bundle.io.nifti import atomic_outputs, save_json
 from cipa_bundle.io.volume import Volume
@@ -73,107 +73,6 @@ _AFFINE_ATOL_MM = 1e-3
 
 
 # ----------------------------------------------------------------------------------------------- lesions
-# ITK's ConnectedComponentImageFilter does the same job, but loading its Python wrappers costs ~14 s on first use on
-# our 2-core machines, and scipy / scikit-image are not dependencies. numba is: this two-pass union-find compiles in
-# about a second once, then loads from numba's on-disk cache.
-@numba.njit(cache=True, nogil=True)
-def _find_root(parent: np.ndarray, x: int) -> int:
-    """Root of ``x`` in the union-find forest ``parent`` (with path halving to keep trees shallow)."""
-    while parent[x] != x:
-        parent[x] = parent[parent[x]]
-        x = parent[x]
-    return x
-
-
-@numba.njit(cache=True, nogil=True)
-def _label_26(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """Label a C-contiguous ``uint8`` 3-D mask: ``(int32 labels numbered in raster order of first voxel, count)``."""
-    na, nb, nc = mask.shape
-    labels = np.zeros((na, nb, nc), dtype=np.int32)
-    n_fg = 0
-    for a in range(na):
-        for b in range(nb):
-            for c in range(nc):
-                if mask[a, b, c]:
-                    n_fg += 1
-    parent = np.zeros(n_fg + 1, dtype=np.int32)
-    next_label = 1
-    for a in range(na):
-        for b in range(nb):
-            for c in range(nc):
-                if not mask[a, b, c]:
-                    continue
-                current = 0
-                # The 13 of the 26 neighbours that precede (a, b, c) in raster order are already labelled.
-                for da in range(-1, 1):
-                    for db in range(-1, 2):
-                        for dc in range(-1, 2):
-                            if da == 0 and (db > 0 or (db == 0 and dc >= 0)):
-                                continue
-                            aa, bb, cc = a + da, b + db, c + dc
-                            if aa < 0 or bb < 0 or bb >= nb or cc < 0 or cc >= nc:
-                                continue
-                            other = labels[aa, bb, cc]
-                            if other == 0:
-                                continue
-                            root = _find_root(parent, other)
-                            if current == 0:
-                                current = root
-                            elif root != current:
-                                # Keep the smaller root, so a component's final root is the provisional label of
-                                # its first voxel in raster order (makes the numbering deterministic).
-                                low, high = min(root, current), max(root, current)
-                                parent[high] = low
-                                current = low
-                if current == 0:
-                    parent[next_label] = next_label
-                    current = next_label
-                    next_label += 1
-                labels[a, b, c] = current
-    remap = np.zeros(next_label, dtype=np.int32)
-    n = 0
-    for a in range(na):
-        for b in range(nb):
-            for c in range(nc):
-                provisional = labels[a, b, c]
-                if provisional:
-                    root = _find_root(parent, provisional)
-                    if remap[root] == 0:
-                        n += 1
-                        remap[root] = n
-                    labels[a, b, c] = remap[root]
-    return labels, n
-
-
-def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """The smallest box of slices holding every ``True`` voxel of a 3-D mask, or ``None`` when it is empty."""
-    box = []
-    for axis in range(3):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-        if hit.size == 0:
-            return None
-        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
-    return tuple(box)
-
-
-def _label_cropped(mask: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int], int]:
-    """Label the mask's bounding box: ``(labels_in_box int32, box_origin (i, j, k), n)``, largest component = 1."""
-    mask = np.asarray(mask)
-    if mask.ndim != 3:
-        raise CipaInputError(f"mask has shape {mask.shape}, expected a 3-D (I, J, K) array")
-    binary = mask.astype(bool, copy=False)
-    box = _bounding_box(binary)
-    if box is None:
-        return np.zeros((0, 0, 0), dtype=np.int32), (0, 0, 0), 0
-    labels, n = _label_26(np.ascontiguousarray(binary[box], dtype=np.uint8))
-    counts = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-    # Largest first; a stable sort keeps raster order (first voxel in array order) between equal sizes.
-    order = np.argsort(-counts, kind="stable")
-    relabel = np.zeros(n + 1, dtype=np.int32)
-    relabel[order + 1] = np.arange(1, n + 1, dtype=np.int32)
-    return relabel[labels], (box[0].start, box[1].start, box[2].start), int(n)
-
-
 def label_lesions(mask: np.ndarray) -> tuple[np.ndarray, int]:
     """3-D connected components of a binary mask with 26-connectivity (faces, edges and corners touch).
 
@@ -185,12 +84,7 @@ def label_lesions(mask: np.ndarray) -> tuple[np.ndarray, int]:
         numbered by decreasing voxel count (ties: the component whose first voxel comes first in C order wins),
         and the number of components ``n``.
     """
-    labels_box, origin, n = _label_cropped(mask)
-    labels = np.zeros(np.shape(mask), dtype=np.int32)
-    if n:
-        box = tuple(slice(o, o + s) for o, s in zip(origin, labels_box.shape))
-        labels[box] = labels_box
-    return labels, n
+    return label_components(mask, connectivity=26)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,7 +154,8 @@ def lesion_statistics(mask: Volume, suv: Volume | None = None) -> list[Lesion]:
     """
     if suv is not None:
         _check_same_grid(mask, suv, "suv")
-    labels, origin, n = _label_cropped(mask.array)
+    labels, box, n = label_components_in_box(mask.array, connectivity=26)
+    origin = (box[0].start, box[1].start, box[2].start)
     if n == 0:
         return []
     ii, jj, kk = np.nonzero(labels)
