@@ -654,7 +654,8 @@ def evaluate_folder(
 
 def _write_outputs(out_dir: Path, rows: list[CaseMetrics], summary: dict[str, Any]) -> None:
     """Write ``metrics.csv`` and ``summary.json`` together: both appear, or neither does."""
-    from cipa_bundle.io.nifti import atomic_outputs, json_text
+    from cipa_bundle.io.atomic import atomic_outputs
+    from cipa_bundle.io.nifti import json_text
 
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(CaseMetrics.__dataclass_fields__), lineterminator="\n")

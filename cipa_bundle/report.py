@@ -37,7 +37,8 @@ import numpy as np
 
 from cipa_bundle.components import label_components, label_components_in_box
 from cipa_bundle.errors import CipaInputError
-from cipa_bundle.io.nifti import atomic_outputs, save_json
+from cipa_bundle.io.atomic import atomic_outputs
+from cipa_bundle.io.nifti import save_json
 from cipa_bundle.io.volume import Volume
 
 __all__ = [

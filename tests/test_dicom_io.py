@@ -23,7 +23,8 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PositronEmission
 
 from cipa_bundle.io import dicom
 from cipa_bundle.io.dicom_writer import pet_header, write_image_series
-from cipa_bundle.io.nifti import atomic_outputs, save_json, save_nifti, save_nifti_with_sidecar, sidecar_path
+from cipa_bundle.io.atomic import atomic_outputs
+from cipa_bundle.io.nifti import save_json, save_nifti, save_nifti_with_sidecar, sidecar_path
 
 # An oblique-in-plane, feet-first-like geometry: rows rotated 30 degrees about z, slices written top-down.
 COS, SIN = math.cos(math.radians(30)), math.sin(math.radians(30))

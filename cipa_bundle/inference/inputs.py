@@ -217,7 +217,8 @@ def _prepare_fused(path: Path, source: str) -> PreparedInput:
 def _prepare_pair(ct_path: Path, pet_path: Path, work_dir: Path, source: str) -> PreparedInput:
     import torch
 
-    from cipa_bundle.io.nifti import atomic_outputs, nifti_bytes, sidecar_path
+    from cipa_bundle.io.atomic import atomic_outputs
+    from cipa_bundle.io.nifti import nifti_bytes, sidecar_path
     from cipa_bundle.io.volume import Volume
     from cipa_bundle.preprocessing.registration import resample_to_reference
     from cipa_bundle.preprocessing.transforms import DEFAULT_CT_WINDOW_HU, DEFAULT_SUV_MAX, ScaleSUV, WindowCT

@@ -1,9 +1,7 @@
 """Atomic NIfTI and JSON writers: an output file is either complete or absent, never half-written.
 
-Every writer here builds the whole file under a temporary name in the *same* folder (so the final rename is a
-same-filesystem ``os.replace``, which is atomic on POSIX and Windows) and removes the temporary on any failure.
-:func:`atomic_outputs` extends this to several files that belong together (a NIfTI and its JSON sidecar): none of
-them appears unless all of them were written.
+Every writer here goes through :func:`cipa_bundle.io.atomic.atomic_outputs`, so several files that belong together
+(a NIfTI and its JSON sidecar) appear all or none.
 
 ``.nii.gz`` files are gzipped here rather than by nibabel, with a zero gzip timestamp, so the same volume always
 gives the same bytes.
@@ -11,7 +9,6 @@ gives the same bytes.
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import json
 import os
@@ -21,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from cipa_bundle.io.atomic import atomic_outputs
 from cipa_bundle.io.volume import Volume
 
 __all__ = [
-    "atomic_outputs",
     "json_text",
     "nifti_bytes",
     "save_json",
@@ -35,42 +32,6 @@ __all__ = [
 
 #: gzip level for .nii.gz: 1 is what nibabel uses by default; higher levels cost seconds on clinical volumes.
 _GZIP_LEVEL = 1
-
-
-def _temp_name(path: Path) -> Path:
-    """A temporary sibling of ``path`` (matches the repository's ``*.nii.gz.tmp*`` ignore pattern)."""
-    return path.with_name(f"{path.name}.tmp{os.getpid()}")
-
-
-@contextlib.contextmanager
-def atomic_outputs(paths: Sequence[str | os.PathLike[str]]) -> Iterator[list[Path]]:
-    """Write several files all-or-nothing.
-
-    Yields temporary paths (same folders as ``paths``) to write to. On normal exit every temporary is renamed onto its
-    final path; on an exception inside the block the temporaries are deleted and no final file is touched. If a rename
-    itself fails, the finals renamed so far are removed again, so a partial set never remains.
-
-    Args:
-        paths: the final output paths; their parent folders are created.
-
-    Yields:
-        The temporary paths, in the same order.
-    """
-    finals = [Path(p) for p in paths]
-    temps = [_temp_name(p) for p in finals]
-    for final in finals:
-        final.parent.mkdir(parents=True, exist_ok=True)
-    done: list[Path] = []
-    try:
-        yield temps
-        for temp, final in zip(temps, finals):
-            os.replace(temp, final)
-            done.append(final)
-    except BaseException:
-        for path in temps + done:
-            with contextlib.suppress(OSError):
-                path.unlink(missing_ok=True)
-        raise
 
 
 def nifti_bytes(image: Any, *, gz: bool) -> bytes:

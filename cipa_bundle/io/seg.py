@@ -27,7 +27,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from cipa_bundle.errors import CipaInputError
-from cipa_bundle.io.nifti import atomic_outputs
+from cipa_bundle.io.atomic import atomic_outputs
 
 __all__ = ["SEG_SOP_CLASS_UID", "write_dicom_seg", "read_dicom_seg_mask"]
 

@@ -153,7 +153,7 @@ def import_official_checkpoint(checkpoint: str | os.PathLike[str], out: str | os
     Returns:
         The output path.
     """
-    from cipa_bundle.io.nifti import atomic_outputs
+    from cipa_bundle.io.atomic import atomic_outputs
     from cipa_bundle.networks.cipa import CIPA
 
     state = convert_official_state_dict(_state_dict_of(_load_checkpoint(checkpoint), checkpoint))

@@ -278,7 +278,8 @@ def convert_study(
     from tqdm import tqdm
 
     from cipa_bundle.io.dicom import read_series
-    from cipa_bundle.io.nifti import atomic_outputs, json_text, nifti_bytes
+    from cipa_bundle.io.atomic import atomic_outputs
+    from cipa_bundle.io.nifti import json_text, nifti_bytes
     from cipa_bundle.preprocessing.registration import check_frame_of_reference, resample_to_reference, rigid_refine
     from cipa_bundle.preprocessing.suv import pet_series_to_suv
     from cipa_bundle.preprocessing.transforms import ScaleSUV, WindowCT
