@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from cipa_bundle.errors import CipaInputError
+from cipa_bundle.io.nifti import nifti_header, require_3d_mask, require_same_grid
 
 __all__ = [
     "SOURCES",
@@ -50,8 +51,6 @@ __all__ = [
 
 SOURCES = ("pclt20k", "studies", "autopet")
 
-#: Largest difference (mm) allowed between the affines of files that must share a voxel grid.
-AFFINE_ATOL_MM = 1e-2
 
 _COMMON_META = {
     "modality": {"0": "CT", "1": "PET"},
@@ -239,38 +238,6 @@ def _find_cases(root: Path, marker: str) -> list[str]:
     return sorted(cases)
 
 
-def _header(path: Path, case: str) -> tuple[tuple[int, ...], np.ndarray]:
-    """Shape and affine from the NIfTI header (no voxel data is read)."""
-    import nibabel as nib
-
-    try:
-        img = nib.load(str(path))
-    except Exception as err:  # nibabel raises several unrelated types for unreadable files
-        raise CipaInputError(f"case {case}: cannot read NIfTI header of {path}: {err}") from err
-    return tuple(int(s) for s in img.shape), np.asarray(img.affine, dtype=np.float64)
-
-
-_Header = tuple[Path, tuple[int, ...], np.ndarray]  # (file, shape, affine)
-
-
-def _same_grid(case: str, a: _Header, b: _Header) -> None:
-    (pa, sa, aa), (pb, sb, ab) = a, b
-    if sa[:3] != sb[:3]:
-        raise CipaInputError(
-            f"case {case}: {pa.name} has spatial shape {sa[:3]} but {pb.name} has {sb[:3]}; expected the same grid"
-        )
-    if not np.allclose(aa, ab, rtol=0.0, atol=AFFINE_ATOL_MM):
-        raise CipaInputError(
-            f"case {case}: {pa.name} and {pb.name} have different affines "
-            f"({aa[:3].round(3).tolist()} vs {ab[:3].round(3).tolist()}); expected the same grid"
-        )
-
-
-def _spatial_label(case: str, path: Path, shape: tuple[int, ...]) -> None:
-    if not (len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)):
-        raise CipaInputError(f"case {case}: label {path} has shape {shape}; expected a 3-D (I, J, K) mask")
-
-
 def _split_3d(
     root: Path, cases: list[str], val_fraction: float, seed: int, test_list: str | os.PathLike[str] | None
 ) -> tuple[list[str], list[str], list[str], list[str]]:
@@ -327,15 +294,15 @@ def build_studies_datalist(
         }
         image = _require_file(root, entry["image"], case, "image")
         label = _require_file(root, entry["label"], case, "label")
-        (ishape, iaff), (lshape, laff) = _header(image, case), _header(label, case)
+        (ishape, iaff), (lshape, laff) = nifti_header(image, case), nifti_header(label, case)
         channels = ishape[3:] if len(ishape) == 4 else ishape[4:] if len(ishape) == 5 and ishape[3] == 1 else None
         if channels != (2,):
             raise CipaInputError(
                 f"case {case}: image {image} has shape {ishape}; expected (I, J, K, 2) with channels [CT, PET] "
                 "as written by cipa-bundle convert"
             )
-        _spatial_label(case, label, lshape)
-        _same_grid(case, (image, ishape, iaff), (label, lshape, laff))
+        require_3d_mask(case, label, lshape)
+        require_same_grid(case, (image, ishape, iaff), (label, lshape, laff))
         return entry
 
     training, validation, testing, val_patients = _split_3d(root, cases, val_fraction, seed, test_list)
@@ -375,13 +342,13 @@ def build_autopet_datalist(
         names = {"ct": "CTres.nii.gz", "pet": "SUV.nii.gz", "label": "SEG.nii.gz"}
         entry = {key: _inside(root, f"{case}/{name}", case) for key, name in names.items()}
         files = {key: _require_file(root, entry[key], case, f"{key} {name}") for key, name in names.items()}
-        headers = {key: (path, *_header(path, case)) for key, path in files.items()}
+        headers = {key: (path, *nifti_header(path, case)) for key, path in files.items()}
         for key in ("ct", "pet"):
             if len(headers[key][1]) != 3:
                 raise CipaInputError(f"case {case}: {files[key]} has shape {headers[key][1]}; expected (I, J, K)")
-        _spatial_label(case, files["label"], headers["label"][1])
-        _same_grid(case, headers["ct"], headers["pet"])
-        _same_grid(case, headers["ct"], headers["label"])
+        require_3d_mask(case, files["label"], headers["label"][1])
+        require_same_grid(case, headers["ct"], headers["pet"])
+        require_same_grid(case, headers["ct"], headers["label"])
         return entry
 
     training, validation, testing, val_patients = _split_3d(root, cases, val_fraction, seed, test_list)

@@ -17,10 +17,15 @@ from typing import Any
 
 import numpy as np
 
+from cipa_bundle.errors import CipaInputError
 from cipa_bundle.io.atomic import atomic_outputs
 from cipa_bundle.io.volume import Volume
 
 __all__ = [
+    "AFFINE_ATOL_MM",
+    "nifti_header",
+    "require_3d_mask",
+    "require_same_grid",
     "json_text",
     "nifti_bytes",
     "save_json",
@@ -138,3 +143,41 @@ def sidecar_path(nifti_path: str | os.PathLike[str]) -> Path:
         if name.lower().endswith(ext):
             return path.with_name(name[: -len(ext)] + ".json")
     return path.with_name(name + ".json")
+
+
+# ---------------------------------------------------------------------------------------------------- grid checks
+#: Largest difference (mm) allowed between the affines of files that must share a voxel grid.
+AFFINE_ATOL_MM = 1e-2
+
+
+def nifti_header(path: Path, case: str) -> tuple[tuple[int, ...], np.ndarray]:
+    """Shape and affine of a NIfTI from its header (no voxel data is read); errors name ``case`` and the file."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+    except Exception as err:  # nibabel raises several unrelated types for unreadable files
+        raise CipaInputError(f"case {case}: cannot read NIfTI header of {path}: {err}") from err
+    return tuple(int(s) for s in img.shape), np.asarray(img.affine, dtype=np.float64)
+
+
+def require_same_grid(
+    case: str, a: tuple[Path, tuple[int, ...], np.ndarray], b: tuple[Path, tuple[int, ...], np.ndarray]
+) -> None:
+    """Raise unless two ``(file, shape, affine)`` headers describe one voxel grid (spatial shape, affine to 0.01 mm)."""
+    (pa, sa, aa), (pb, sb, ab) = a, b
+    if sa[:3] != sb[:3]:
+        raise CipaInputError(
+            f"case {case}: {pa.name} has spatial shape {sa[:3]} but {pb.name} has {sb[:3]}; expected the same grid"
+        )
+    if not np.allclose(aa, ab, rtol=0.0, atol=AFFINE_ATOL_MM):
+        raise CipaInputError(
+            f"case {case}: {pa.name} and {pb.name} have different affines "
+            f"({aa[:3].round(3).tolist()} vs {ab[:3].round(3).tolist()}); expected the same grid"
+        )
+
+
+def require_3d_mask(case: str, path: Path, shape: tuple[int, ...]) -> None:
+    """Raise unless ``shape`` is a 3-D ``(I, J, K)`` (or ``(I, J, K, 1)``) mask."""
+    if not (len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)):
+        raise CipaInputError(f"case {case}: label {path} has shape {shape}; expected a 3-D (I, J, K) mask")

@@ -165,11 +165,11 @@ def studies_case_paths(studies_dir: str | os.PathLike[str], case_id: str) -> tup
 
 def _check_label_grid(label: Path, ct_volume: Volume, image_path: Path, case: str) -> None:
     """Refuse a label that is not a 3-D mask on the CT grid (the grid of ``image.nii.gz``)."""
-    from cipa_bundle.data.datalist import _header, _same_grid, _spatial_label
+    from cipa_bundle.io.nifti import nifti_header, require_3d_mask, require_same_grid
 
-    shape, affine = _header(label, case)
-    _spatial_label(case, label, shape)
-    _same_grid(case, (label, shape, affine), (image_path, tuple(ct_volume.shape), np.asarray(ct_volume.affine)))
+    shape, affine = nifti_header(label, case)
+    require_3d_mask(case, label, shape)
+    require_same_grid(case, (label, shape, affine), (image_path, tuple(ct_volume.shape), np.asarray(ct_volume.affine)))
 
 
 def _gz_bytes(path: Path) -> bytes:
