@@ -27,18 +27,11 @@ from typing import Callable
 
 import torch
 
+from bench_scan import GROUPS, SHAPES  # the same real shapes as the CPU benchmark (benchmarks/ is on sys.path)
 from cipa_bundle.networks import CIPA
 from cipa_bundle.networks.scan import dispatch
 from cipa_bundle.networks.scan.reference import selective_scan_reference
 
-SHAPES = [
-    ("encoder stage 0", 768, 16384, 16),
-    ("encoder stage 1", 1536, 4096, 16),
-    ("encoder stage 2", 3072, 1024, 16),
-    ("encoder stage 3", 6144, 256, 16),
-    ("decoder stage 0", 768, 16384, 4),
-]
-GROUPS = 4
 
 
 def _cuda_time(fn: Callable[[], object], repeat: int) -> float:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -264,6 +264,31 @@ def _split_3d(
     return training, validation, sorted(test), val_patients
 
 
+def _document_3d(
+    name: str,
+    description: str,
+    root: Path,
+    cases: list[str],
+    item: Callable[[str], dict[str, str]],
+    val_fraction: float,
+    seed: int,
+    test_list: str | os.PathLike[str] | None,
+) -> dict[str, Any]:
+    """The datalist document of a 3-D source: the by-patient split of ``cases``, each case made into ``item(case)``."""
+    training, validation, testing, val_patients = _split_3d(root, cases, val_fraction, seed, test_list)
+    return _document(
+        name,
+        description,
+        "3D",
+        seed,
+        val_fraction,
+        val_patients,
+        [item(c) for c in training],
+        [item(c) for c in validation],
+        [item(c) for c in testing],
+    )
+
+
 def build_studies_datalist(
     root: str | os.PathLike[str],
     val_fraction: float = 0.2,
@@ -305,17 +330,9 @@ def build_studies_datalist(
         require_same_grid(case, (image, ishape, iaff), (label, lshape, laff))
         return entry
 
-    training, validation, testing, val_patients = _split_3d(root, cases, val_fraction, seed, test_list)
-    return _document(
-        "studies",
-        "converted PET-CT studies: image.nii.gz = [CT, PET] on the CT grid",
-        "3D",
-        seed,
-        val_fraction,
-        val_patients,
-        [item(c) for c in training],
-        [item(c) for c in validation],
-        [item(c) for c in testing],
+    return _document_3d(
+        "studies", "converted PET-CT studies: image.nii.gz = [CT, PET] on the CT grid",
+        root, cases, item, val_fraction, seed, test_list,
     )
 
 
@@ -351,17 +368,9 @@ def build_autopet_datalist(
         require_same_grid(case, headers["ct"], headers["label"])
         return entry
 
-    training, validation, testing, val_patients = _split_3d(root, cases, val_fraction, seed, test_list)
-    return _document(
-        "autoPET",
-        "autoPET FDG PET-CT: CTres (HU) and SUV on the PET grid, SEG tumour mask",
-        "3D",
-        seed,
-        val_fraction,
-        val_patients,
-        [item(c) for c in training],
-        [item(c) for c in validation],
-        [item(c) for c in testing],
+    return _document_3d(
+        "autoPET", "autoPET FDG PET-CT: CTres (HU) and SUV on the PET grid, SEG tumour mask",
+        root, cases, item, val_fraction, seed, test_list,
     )
 
 

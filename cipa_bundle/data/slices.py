@@ -36,6 +36,8 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 
 from cipa_bundle.errors import CipaInputError
+from cipa_bundle.io.nifti import AFFINE_ATOL_MM
+from cipa_bundle.preprocessing.transforms import DEFAULT_CT_WINDOW_HU, DEFAULT_SUV_MAX, ScaleSUV, WindowCT
 
 __all__ = [
     "axial_axis",
@@ -315,17 +317,14 @@ class LoadPETCTSliced(MapTransform):
         pet_key: str = "pet",
         label_key: str = "label",
         slice_key: str = "slice",
-        ct_window_hu: Sequence[float] | None = None,
-        suv_max: float | None = None,
+        ct_window_hu: Sequence[float] = DEFAULT_CT_WINDOW_HU,
+        suv_max: float = DEFAULT_SUV_MAX,
     ) -> None:
-        from cipa_bundle.preprocessing.transforms import DEFAULT_CT_WINDOW_HU, DEFAULT_SUV_MAX, ScaleSUV, WindowCT
-
         super().__init__([image_key, ct_key, pet_key], allow_missing_keys=True)
         self.image_key, self.ct_key, self.pet_key = image_key, ct_key, pet_key
         self.label_key, self.slice_key = label_key, slice_key
-        hu = tuple(ct_window_hu) if ct_window_hu is not None else DEFAULT_CT_WINDOW_HU
-        self.window_ct = WindowCT(float(hu[0]), float(hu[1]))
-        self.scale_suv = ScaleSUV(float(suv_max) if suv_max is not None else DEFAULT_SUV_MAX)
+        self.window_ct = WindowCT(float(ct_window_hu[0]), float(ct_window_hu[1]))
+        self.scale_suv = ScaleSUV(float(suv_max))
         self.fused = ExtractAxialSliced([image_key, label_key], slice_key=slice_key, allow_missing_keys=True)
         self.separate = ExtractAxialSliced([ct_key, pet_key, label_key], slice_key=slice_key, allow_missing_keys=True)
         self.pclt20k = LoadPCLT20Kd(ct_key=ct_key, pet_key=pet_key, label_key=label_key, image_key=image_key)
@@ -343,11 +342,11 @@ class LoadPETCTSliced(MapTransform):
             return self.pclt20k(d)
         d = self.separate(d)
         ct, pet = d.pop(self.ct_key), d.pop(self.pet_key)
-        if ct.shape != pet.shape or not torch.allclose(ct.affine, pet.affine, atol=1e-2):
+        if ct.shape != pet.shape or not torch.allclose(ct.affine, pet.affine, rtol=0.0, atol=AFFINE_ATOL_MM):
             raise CipaInputError(
                 f"CT {data[self.ct_key]} slice {d[self.slice_key]} is {tuple(ct.shape[1:])} pixels and PET "
                 f"{data[self.pet_key]} is {tuple(pet.shape[1:])}, with affines differing by "
-                f"{float((ct.affine - pet.affine).abs().max()) if ct.shape == pet.shape else float('nan'):.3g} mm; "
+                f"{float((ct.affine - pet.affine).abs().max()):.3g} mm; "
                 "expected the PET resampled onto the CT grid (autoPET's CTres.nii.gz / SUV.nii.gz are)"
             )
         image = torch.cat([self.window_ct(ct).as_tensor(), self.scale_suv(pet).as_tensor()], dim=0)
