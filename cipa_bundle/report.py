@@ -57,11 +57,15 @@ __all__ = [
     "AXIAL_PNG",
     "CORONAL_MIP_PNG",
     "REPORT_JSON",
+    "MIN_DISPLAY_PIXELS",
 ]
 
 AXIAL_PNG = "overlay_axial.png"
 CORONAL_MIP_PNG = "mip_coronal.png"
 REPORT_JSON = "report.json"
+
+#: Smallest long side, in pixels, of a figure rendered at the default pixel size.
+MIN_DISPLAY_PIXELS = 512
 
 #: CT lung window as (level, width) in HU: the window chest radiologists read lung nodules in.
 LUNG_WINDOW = (-600.0, 1500.0)
@@ -289,8 +293,17 @@ def _outline(mask_2d: np.ndarray) -> np.ndarray:
 
 
 def _display_size(n_cols: int, n_rows: int, col_mm: float, row_mm: float, pixel_mm: float | None) -> tuple[int, int]:
-    """``(width, height)`` in pixels of an image of square ``pixel_mm`` pixels (default: the finer of the two)."""
-    size = pixel_mm if pixel_mm is not None else min(col_mm, row_mm)
+    """``(width, height)`` in pixels of an image of square ``pixel_mm`` pixels.
+
+    The default pixel is the finer of the two voxel sizes, made smaller where needed so that the long side has at
+    least :data:`MIN_DISPLAY_PIXELS` pixels (a 64-voxel phantom would otherwise give a thumbnail); clinical CT
+    (512 voxels across) is shown at its own resolution.
+    """
+    if pixel_mm is None:
+        long_side_mm = max(n_cols * col_mm, n_rows * row_mm)
+        size = min(col_mm, row_mm, long_side_mm / MIN_DISPLAY_PIXELS)
+    else:
+        size = pixel_mm
     if not size > 0:
         raise ValueError(f"pixel_mm must be positive, got {pixel_mm}")
     return max(1, round(n_cols * col_mm / size)), max(1, round(n_rows * row_mm / size))
@@ -343,7 +356,8 @@ def render_axial_overlay(
         ct_window: CT (level, width) in HU; default the lung window (-600, 1500).
         pet_window: PET (low, high) mapped to the colour map ends; default ``(0, 99.9th percentile)`` of the PET.
         alpha: maximum PET opacity, in ``[0, 1]``.
-        pixel_mm: output pixel size in mm; default the finer in-plane voxel size (no downsampling).
+        pixel_mm: output pixel size in mm; default the finer in-plane voxel size (no downsampling), or smaller
+            so that the long side has at least :data:`MIN_DISPLAY_PIXELS` pixels.
 
     Returns:
         ``(rgb, slice_index)``: a ``(height, width, 3)`` ``uint8`` image, height along anterior->posterior and width
@@ -394,7 +408,8 @@ def render_coronal_mip(
         pet: PET ``(I, J, K)`` (SUV or any activity unit).
         mask: binary tumour mask on the PET's grid.
         pet_window: PET (low, high) mapped to white..black; default ``(0, 99.9th percentile)`` of the PET.
-        pixel_mm: output pixel size in mm; default the finer of the left-right and head-foot voxel sizes.
+        pixel_mm: output pixel size in mm; default the finer of the left-right and head-foot voxel sizes, or
+            smaller so that the long side has at least :data:`MIN_DISPLAY_PIXELS` pixels.
 
     Returns:
         ``(height, width, 3)`` ``uint8`` image, height along superior->inferior, width along patient right->left.

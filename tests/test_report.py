@@ -22,6 +22,7 @@ from cipa_bundle.io.volume import Volume
 from cipa_bundle.report import (
     AXIAL_PNG,
     CORONAL_MIP_PNG,
+    MIN_DISPLAY_PIXELS,
     build_report,
     label_lesions,
     lesion_statistics,
@@ -199,8 +200,8 @@ def test_figures_follow_radiological_orientation_whatever_the_storage_order() ->
     ct, pet, mask = _scene()
     images = {}
     for name, ((ct_v, pet_v, mask_v), aff) in _storage_variants(ct, pet, mask).items():
-        axial, index = render_axial_overlay(Volume(ct_v, aff), Volume(pet_v, aff), Volume(mask_v, aff))
-        mip = render_coronal_mip(Volume(pet_v, aff), Volume(mask_v, aff))
+        axial, index = render_axial_overlay(Volume(ct_v, aff), Volume(pet_v, aff), Volume(mask_v, aff), pixel_mm=1.0)
+        mip = render_coronal_mip(Volume(pet_v, aff), Volume(mask_v, aff), pixel_mm=1.0)
         images[name] = (axial, mip)
     for name in images:  # the same physical scene must give the same pictures
         np.testing.assert_array_equal(images[name][0], images["standard"][0], err_msg=name)
@@ -221,6 +222,23 @@ def test_figures_follow_radiological_orientation_whatever_the_storage_order() ->
     assert rows.max() < 24, "a superior lesion must appear in the upper half (head up)"
 
 
+def test_default_figures_are_enlarged_to_a_readable_size() -> None:
+    ct, pet, mask = _scene()
+    volumes = Volume(ct, AFFINE), Volume(pet, AFFINE), Volume(mask, AFFINE)
+    native, _ = render_axial_overlay(*volumes, pixel_mm=1.0)
+    enlarged, _ = render_axial_overlay(*volumes)
+    assert native.shape == (40, 40, 3) and enlarged.shape == (MIN_DISPLAY_PIXELS, MIN_DISPLAY_PIXELS, 3)
+    # The contour lands on the same anatomy: its bounding box scales by 512 / 40 (within a native pixel).
+    scale = MIN_DISPLAY_PIXELS / 40
+    (r0, c0), (r1, c1) = (_mask_pixels(img, (0, 255, 0)) for img in (native, enlarged))
+    for small, large in ((r0, r1), (c0, c1)):
+        assert abs(large.min() - small.min() * scale) <= scale and abs(large.max() - (small.max() + 1) * scale) <= scale
+    # An explicit pixel size is used as given; a volume already 512 or more voxels across keeps its resolution.
+    assert render_coronal_mip(Volume(pet, AFFINE), Volume(mask, AFFINE), pixel_mm=0.05).shape[:2] == (960, 800)
+    wide = np.zeros((600, 4, 10), dtype=np.float32)
+    assert render_coronal_mip(Volume(wide, AFFINE), Volume(wide, AFFINE)).shape[:2] == (20, 600)
+
+
 def test_write_overlays_and_report(tmp_path: Path) -> None:
     mask, suv = _phantom()
     ct = np.full(SHAPE, -800.0, dtype=np.float32)
@@ -229,9 +247,11 @@ def test_write_overlays_and_report(tmp_path: Path) -> None:
     # Box A covers k = 4..13 with 320 voxels per slice, box B k = 15..19 with 64: the first of A's slices wins.
     assert paths["axial_slice_index"] == 4
     with Image.open(paths["axial"]) as image:
-        assert (image.format, image.mode, image.size) == ("PNG", "RGB", (40, 40))
+        # 40 mm x 40 mm shown with at least MIN_DISPLAY_PIXELS (512) on the long side.
+        assert (image.format, image.mode, image.size) == ("PNG", "RGB", (512, 512))
     with Image.open(paths["coronal_mip"]) as image:
-        assert (image.format, image.mode, image.size) == ("PNG", "RGB", (40, 48))
+        # 40 mm wide, 48 mm high: 512 / 48 px per mm -> 426.7 -> 427 px wide.
+        assert (image.format, image.mode, image.size) == ("PNG", "RGB", (427, 512))
     assert {p.name for p in tmp_path.iterdir()} == {AXIAL_PNG, CORONAL_MIP_PNG}
 
     lesions = lesion_statistics(Volume(mask, AFFINE), Volume(suv, AFFINE))
