@@ -106,12 +106,20 @@ def test_training_resumes_from_the_latest_checkpoint_after_a_kill(tmp_path, synt
     assert first.exists(), (tmp_path / "first.log").read_text()[-3000:]
     assert not (tmp_path / "models" / "latest_checkpoint_epoch=2.pt").exists()  # it really was interrupted
 
+    # A resume file left by an earlier, longer run (older than the interrupted run's) is superseded.
+    stale = tmp_path / "models" / "latest_checkpoint_epoch=7.pt"
+    stale.write_bytes(b"state of an earlier run")
+    os.utime(stale, (first.stat().st_mtime - 3600,) * 2)
+
     result = subprocess.run(command, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert "Epoch: 1/2" not in output  # epoch 1 was not trained again
     assert "Epoch: 2/2" in output
-    assert (tmp_path / "models" / "latest_checkpoint_epoch=2.pt").is_file()
+    # Only the finished run's resume file is left: the stale one and the one resumed from are removed.
+    assert sorted(p.name for p in (tmp_path / "models").glob("latest_checkpoint_epoch=*.pt")) == [
+        "latest_checkpoint_epoch=2.pt"
+    ]
 
 
 @pytest.mark.parametrize("files", [["train.json"], ["train.json", "evaluate.json"], ["train.json", "demo.json"]])
