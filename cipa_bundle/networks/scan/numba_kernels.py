@@ -271,6 +271,43 @@ def count_items(batch: int, channels: int, groups: int, block: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Pieces shared by both kernels (inlined into each)
+# --------------------------------------------------------------------------------------------------------------------
+@njit(inline="always")
+def _tiling(u, A, B, chunk, block):  # pragma: no cover - compiled
+    """``(N, groups, channels per group, channel blocks per group, L, time chunks)`` of a kernel call."""
+    channels, length = u.shape[1], u.shape[2]
+    groups = B.shape[1]
+    per_group = channels // groups
+    return A.shape[1], groups, per_group, (per_group + block - 1) // block, length, (length + chunk - 1) // chunk
+
+
+@njit(inline="always")
+def _item_channels(item, groups, nblocks, per_group, block):  # pragma: no cover - compiled
+    """``(batch index, group, block index within the group, first channel, channel count)`` of a work item."""
+    bi = item // (groups * nblocks)
+    g = (item // nblocks) % groups
+    p = item % nblocks
+    c0 = g * per_group + p * block
+    return bi, g, p, c0, min(block, (g + 1) * per_group - c0)
+
+
+@njit(inline="always", fastmath=FASTMATH, error_model="numpy")
+def _step_sizes(delta, delta_bias, use_softplus, bi, c, t0, nt, row_dt):  # pragma: no cover - compiled
+    """``row_dt[:nt] = softplus(delta[bi, c, t0:t0 + nt] + delta_bias[c])`` (without the softplus if not asked).
+
+    The row is contiguous in time, so the softplus vectorises over time.
+    """
+    bias = delta_bias[c]
+    if use_softplus:
+        for s in range(nt):
+            row_dt[s] = softplus(delta[bi, c, t0 + s] + bias)
+    else:
+        for s in range(nt):
+            row_dt[s] = delta[bi, c, t0 + s] + bias
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Forward
 # --------------------------------------------------------------------------------------------------------------------
 @njit(fastmath=FASTMATH, error_model="numpy", cache=_CACHE, nogil=True)
@@ -285,12 +322,7 @@ def scan_forward(
     of one float dtype; ``y`` is written in place. Items are ``(batch, group, block of `block` channels)`` in
     row-major order (:func:`count_items` of them); disjoint item ranges may run concurrently.
     """
-    batch, channels, length = u.shape
-    groups = B.shape[1]
-    nstate = A.shape[1]
-    per_group = channels // groups
-    nblocks = (per_group + block - 1) // block
-    nchunks = (length + chunk - 1) // chunk
+    nstate, groups, per_group, nblocks, length, nchunks = _tiling(u, A, B, chunk, block)
     dtype = u.dtype
     zero = dtype.type(0)
     a = np.empty((nstate, block), dtype)
@@ -300,10 +332,7 @@ def scan_forward(
     yb = np.empty((chunk, block), dtype)
     row_dt = np.empty(chunk, dtype)
     for item in range(item_start, item_stop):
-        bi = item // (groups * nblocks)
-        g = (item // nblocks) % groups
-        c0 = g * per_group + (item % nblocks) * block
-        nc = min(block, (g + 1) * per_group - c0)
+        bi, g, _, c0, nc = _item_channels(item, groups, nblocks, per_group, block)
         for n in range(nstate):
             for c in range(nc):
                 a[n, c] = A[c0 + c, n]
@@ -316,15 +345,8 @@ def scan_forward(
                     for c in range(nc):
                         checkpoints[bi, k, n, c0 + c] = h[n, c]
             for c in range(nc):
-                # The softplus runs on a contiguous row first so that it vectorises over time; the tiles the
-                # recurrence reads are (time, channel), and filling them is plain copying.
-                bias = delta_bias[c0 + c]
-                if use_softplus:
-                    for s in range(nt):
-                        row_dt[s] = softplus(delta[bi, c0 + c, t0 + s] + bias)
-                else:
-                    for s in range(nt):
-                        row_dt[s] = delta[bi, c0 + c, t0 + s] + bias
+                # The tiles the recurrence reads are (time, channel); filling them from the row is plain copying.
+                _step_sizes(delta, delta_bias, use_softplus, bi, c0 + c, t0, nt, row_dt)
                 d_skip = D[c0 + c]
                 for s in range(nt):
                     x = u[bi, c0 + c, t0 + s]
@@ -370,12 +392,7 @@ def scan_backward(
     over the batch; ``gB_part``, ``gC_part`` (b, G, n_blocks, N, L), to be summed over the channel blocks (axis 2).
     ``checkpoints`` is the array saved by :func:`scan_forward` with the same ``chunk``.
     """
-    batch, channels, length = u.shape
-    groups = B.shape[1]
-    nstate = A.shape[1]
-    per_group = channels // groups
-    nblocks = (per_group + block - 1) // block
-    nchunks = (length + chunk - 1) // chunk
+    nstate, groups, per_group, nblocks, length, nchunks = _tiling(u, A, B, chunk, block)
     dtype = u.dtype
     zero = dtype.type(0)
     a = np.empty((nstate, block), dtype)
@@ -393,11 +410,7 @@ def scan_backward(
     gbias = np.empty(block, dtype)
     row_dt = np.empty(chunk, dtype)
     for item in range(item_start, item_stop):
-        bi = item // (groups * nblocks)
-        g = (item // nblocks) % groups
-        p = item % nblocks
-        c0 = g * per_group + p * block
-        nc = min(block, (g + 1) * per_group - c0)
+        bi, g, p, c0, nc = _item_channels(item, groups, nblocks, per_group, block)
         for c in range(nc):
             gd[c] = zero
             gbias[c] = zero
@@ -410,13 +423,7 @@ def scan_backward(
             t0 = k * chunk
             nt = min(chunk, length - t0)
             for c in range(nc):
-                bias = delta_bias[c0 + c]
-                if use_softplus:
-                    for s in range(nt):
-                        row_dt[s] = softplus(delta[bi, c0 + c, t0 + s] + bias)
-                else:
-                    for s in range(nt):
-                        row_dt[s] = delta[bi, c0 + c, t0 + s] + bias
+                _step_sizes(delta, delta_bias, use_softplus, bi, c0 + c, t0, nt, row_dt)
                 skip_grad = zero
                 for s in range(nt):
                     x = u[bi, c0 + c, t0 + s]
