@@ -18,7 +18,7 @@ from cipa_bundle.preprocessing.registration import (
     RigidResult,
     check_frame_of_reference,
     resample_to_reference,
-    rigid_gate,
+    RigidGate,
     rigid_refine,
 )
 from cipa_bundle.preprocessing.suv import FrameOfReferenceError
@@ -126,8 +126,15 @@ def test_frame_of_reference_check() -> None:
     ],
 )
 def test_rigid_gate(translation: tuple, rotation: float, value: float, accepted: bool, phrase: str) -> None:
-    decision, reason = rigid_gate(translation, rotation, value, metric_identity=-1.0)
+    decision, reason = RigidGate().decide(translation, rotation, value, metric_identity=-1.0)
     assert decision is accepted and phrase in reason
+
+
+def test_rigid_gate_limits_are_configurable() -> None:
+    strict = RigidGate(max_translation_mm=5.0, min_translation_mm=2.0)
+    assert strict.decide((4.0, 3.0, 0.0), 0.1, -1.2, -1.0) == (False, "|t| = 5.00 mm >= 5 mm: identity kept")
+    assert not strict.decide((1.5, 0.0, 0.0), 0.1, -1.2, -1.0)[0]  # 1.5 mm is now below the precision limit
+    assert RigidGate().decide((1.5, 0.0, 0.0), 0.1, -1.2, -1.0)[0]
 
 
 # --------------------------------------------------------------------------------------------------- rigid

@@ -12,7 +12,7 @@ the frames already coincide), Mattes mutual information, regular-step gradient d
 a three-level pyramid and random sampling with a fixed seed (see its docstring for what image drives the metric).
 Its result is *gated*: it is applied only when the translation is below 10 mm, the rotation below 3 degrees and
 the mutual information actually improved over the identity; a result indistinguishable from the identity (below
-``min_translation_mm`` and ``min_rotation_deg``) also keeps the identity, so a hybrid scan is not re-interpolated
+``RigidGate.min_translation_mm`` and ``min_rotation_deg``) also keeps the identity, so a hybrid scan is not re-interpolated
 for sub-millimetre noise.
 
 All transforms follow ITK's convention: they map a point of the *fixed* (CT) space, in LPS mm, to the *moving* (PET)
@@ -32,10 +32,10 @@ from cipa_bundle.errors import CipaInputError
 from cipa_bundle.io.volume import LPS_TO_RAS, Volume
 
 __all__ = [
+    "RigidGate",
     "RigidResult",
     "check_frame_of_reference",
     "resample_to_reference",
-    "rigid_gate",
     "rigid_refine",
     "REGISTRATION_CT_WINDOW_HU",
     "REGISTRATION_SUV_WINDOW",
@@ -320,51 +320,63 @@ def _metric_at(fixed, moving, mask_object, transform, bins: int) -> float:
     return float(metric.GetValue())
 
 
-def rigid_gate(
-    translation_mm: tuple[float, float, float],
-    rotation_deg: float,
-    metric_value: float,
-    metric_identity: float,
-    *,
-    max_translation_mm: float = 10.0,
-    max_rotation_deg: float = 3.0,
-    min_translation_mm: float = 1.0,
-    min_rotation_deg: float = 0.5,
-) -> tuple[bool, str]:
-    """Decide whether a rigid PET -> CT correction is applied (see :func:`rigid_refine` for the limits' meaning).
+@dataclass(frozen=True)
+class RigidGate:
+    """The limits that decide whether a rigid PET -> CT correction is applied.
 
-    Rules, in order (the first that fires decides):
-
-    1. non-finite parameters or metric: rejected (diverged);
-    2. ``|t| >= max_translation_mm``: rejected;
-    3. ``rotation >= max_rotation_deg``: rejected;
-    4. Mattes MI not lower than at the identity (``metric_value >= metric_identity``): rejected;
-    5. ``|t| < min_translation_mm`` and ``rotation < min_rotation_deg``: not applied (indistinguishable from the
-       identity);
-    6. otherwise: applied.
-
-    Returns:
-        ``(accepted, reason)``; the reason is one sentence naming the numbers compared.
+    Args:
+        max_translation_mm: reject when ``|t| >=`` this (10 mm: a larger offset inside one hybrid session means
+            gross motion or a wrong series, which a rigid correction should not silently paper over).
+        max_rotation_deg: reject when the rotation is ``>=`` this (3 degrees).
+        min_translation_mm: with ``min_rotation_deg``, a result below both (1 mm, 0.5 degrees: under a quarter of
+            a PET voxel, within this method's precision) is treated as the identity and not applied, so an aligned
+            hybrid scan is never re-interpolated for nothing.
+        min_rotation_deg: see ``min_translation_mm``.
     """
-    values = [*translation_mm, rotation_deg, metric_value, metric_identity]
-    if not all(math.isfinite(float(v)) for v in values):
-        return False, "registration diverged (non-finite parameters or metric): identity kept"
-    norm = float(np.linalg.norm(translation_mm))
-    if norm >= max_translation_mm:
-        return False, f"|t| = {norm:.2f} mm >= {max_translation_mm:g} mm: identity kept"
-    if rotation_deg >= max_rotation_deg:
-        return False, f"rotation {rotation_deg:.2f} deg >= {max_rotation_deg:g} deg: identity kept"
-    if not metric_value < metric_identity:
-        return False, (
-            f"mutual information did not improve ({metric_value:.5f} vs {metric_identity:.5f} at identity): "
-            "identity kept"
-        )
-    if norm < min_translation_mm and rotation_deg < min_rotation_deg:
-        return False, (
-            f"|t| = {norm:.2f} mm and rotation {rotation_deg:.2f} deg are below {min_translation_mm:g} mm / "
-            f"{min_rotation_deg:g} deg (registration precision): identity kept"
-        )
-    return True, f"|t| = {norm:.2f} mm, rotation {rotation_deg:.2f} deg within the gate: applied"
+
+    max_translation_mm: float = 10.0
+    max_rotation_deg: float = 3.0
+    min_translation_mm: float = 1.0
+    min_rotation_deg: float = 0.5
+
+    def decide(
+        self, translation_mm: tuple[float, float, float], rotation_deg: float, metric_value: float,
+        metric_identity: float,
+    ) -> tuple[bool, str]:
+        """Whether a registration result is applied.
+
+        Rules, in order (the first that fires decides):
+
+        1. non-finite parameters or metric: rejected (diverged);
+        2. ``|t| >= max_translation_mm``: rejected;
+        3. ``rotation >= max_rotation_deg``: rejected;
+        4. Mattes MI not lower than at the identity (``metric_value >= metric_identity``): rejected;
+        5. ``|t| < min_translation_mm`` and ``rotation < min_rotation_deg``: not applied (indistinguishable from
+           the identity);
+        6. otherwise: applied.
+
+        Returns:
+            ``(accepted, reason)``; the reason is one sentence naming the numbers compared.
+        """
+        values = [*translation_mm, rotation_deg, metric_value, metric_identity]
+        if not all(math.isfinite(float(v)) for v in values):
+            return False, "registration diverged (non-finite parameters or metric): identity kept"
+        norm = float(np.linalg.norm(translation_mm))
+        if norm >= self.max_translation_mm:
+            return False, f"|t| = {norm:.2f} mm >= {self.max_translation_mm:g} mm: identity kept"
+        if rotation_deg >= self.max_rotation_deg:
+            return False, f"rotation {rotation_deg:.2f} deg >= {self.max_rotation_deg:g} deg: identity kept"
+        if not metric_value < metric_identity:
+            return False, (
+                f"mutual information did not improve ({metric_value:.5f} vs {metric_identity:.5f} at identity): "
+                "identity kept"
+            )
+        if norm < self.min_translation_mm and rotation_deg < self.min_rotation_deg:
+            return False, (
+                f"|t| = {norm:.2f} mm and rotation {rotation_deg:.2f} deg are below {self.min_translation_mm:g} mm / "
+                f"{self.min_rotation_deg:g} deg (registration precision): identity kept"
+            )
+        return True, f"|t| = {norm:.2f} mm, rotation {rotation_deg:.2f} deg within the gate: applied"
 
 
 def rigid_refine(
@@ -372,10 +384,7 @@ def rigid_refine(
     moving_pet: Volume,
     seed: int = 0,
     *,
-    max_translation_mm: float = 10.0,
-    max_rotation_deg: float = 3.0,
-    min_translation_mm: float = 1.0,
-    min_rotation_deg: float = 0.5,
+    gate: RigidGate = RigidGate(),
     working_spacing_mm: float = 4.0,
     ct_smoothing_mm: float = 3.0,
     pet_smoothing_mm: float = 2.0,
@@ -399,7 +408,7 @@ def rigid_refine(
       without it, PET noise makes the metric prefer positions where linear interpolation averages neighbouring PET
       voxels (half a voxel off the grid), a bias of up to 1 mm on the phantom; with it, at most 0.5 mm.
     * **A fixed sample domain.** Only CT voxels that stay inside the PET field of view for any displacement up to
-      ``max_translation_mm`` are sampled, so the metric does not jump when a CT slab leaves the PET.
+      ``gate.max_translation_mm`` are sampled, so the metric does not jump when a CT slab leaves the PET.
     * **Consistent derivatives.** The moving-image gradient is taken by central differences at each sample
       (ITK's pre-filtered gradient image disagreed with the interpolated values and stopped the optimiser ~1 mm
       from the metric's minimum).
@@ -411,12 +420,7 @@ def rigid_refine(
         fixed_ct: CT in HU ``(I, J, K)``.
         moving_pet: PET in SUV ``(I', J', K')`` on its own grid, in the same frame of reference.
         seed: metric sampling seed.
-        max_translation_mm: gate: reject when ``|t| >=`` this (10 mm: a larger offset inside one hybrid session
-            means gross motion or a wrong series, which a rigid correction should not silently paper over).
-        max_rotation_deg: gate: reject when the rotation is ``>=`` this (3 degrees).
-        min_translation_mm, min_rotation_deg: a result below both (1 mm, 0.5 degrees: under a quarter of a PET
-            voxel, within this method's precision) is treated as the identity and not applied, so an aligned
-            hybrid scan is never re-interpolated for nothing.
+        gate: the limits that decide whether the result is applied (:class:`RigidGate`).
         working_spacing_mm: approximate CT voxel size seen by the metric.
         ct_smoothing_mm: Gaussian sigma (mm) applied to the working CT.
         pet_smoothing_mm: Gaussian sigma (mm) applied to the SUV before the metric sees it.
@@ -437,11 +441,12 @@ def rigid_refine(
     if pet_smoothing_mm > 0:
         moving = itk.smoothing_recursive_gaussian_image_filter(moving, sigma=float(pet_smoothing_mm))
     image_type = type(fixed)
-    mask, n_inside = _overlap_mask(fixed, moving_pet, max_translation_mm + float(max(moving_pet.spacing)))
+    margin_mm = gate.max_translation_mm
+    mask, n_inside = _overlap_mask(fixed, moving_pet, margin_mm + float(max(moving_pet.spacing)))
     if n_inside < 1000:
         raise CipaInputError(
             f"rigid registration: the CT and PET fields of view overlap in only {n_inside} CT voxels "
-            f"({working_spacing_mm:g} mm grid) once a {max_translation_mm:g} mm margin is kept; expected a "
+            f"({working_spacing_mm:g} mm grid) once a {margin_mm:g} mm margin is kept; expected a "
             "PET that covers the CT (same frame of reference?)"
         )
     mask_object = itk.ImageMaskSpatialObject[3].New()
@@ -499,11 +504,7 @@ def rigid_refine(
     identity.SetCenter(list(centre))
     metric_identity = _metric_at(fixed, moving, mask_object, identity, histogram_bins)
     metric_final = _metric_at(fixed, moving, mask_object, initial, histogram_bins)
-    accepted, reason = rigid_gate(
-        translation, angle, metric_final, metric_identity,
-        max_translation_mm=max_translation_mm, max_rotation_deg=max_rotation_deg,
-        min_translation_mm=min_translation_mm, min_rotation_deg=min_rotation_deg,
-    )
+    accepted, reason = gate.decide(translation, angle, metric_final, metric_identity)  # type: ignore[arg-type]
 
     return RigidResult(
         translation_mm=translation,  # type: ignore[arg-type]
