@@ -98,11 +98,20 @@ class _NumbaScan(torch.autograd.Function):
         chunk, block = tile_sizes(batch, groups, channels // groups, length, threads)
         y = torch.empty_like(u)
         checkpoints = u.new_empty((batch, math.ceil(length / chunk), nstate, channels) if save else (0, 0, 0, 0))
-        _run_items(
-            kernels.scan_forward, kernels.count_items(batch, channels, groups, block), threads,
-            u.numpy(), delta.numpy(), delta_bias.numpy(), use_softplus, A.numpy(), B.numpy(), C.numpy(), D.numpy(),
-            y.numpy(), checkpoints.numpy(), chunk, block, save,
-        )
+        if kernels.state_lanes_apply(nstate, channels, groups):
+            # B and C time-major (small: G * N * L values) for the kernel that keeps each channel's states in registers.
+            B_t, C_t = (M.transpose(2, 3).contiguous() for M in (B, C))
+            _run_items(
+                kernels.scan_forward_state_lanes, batch * channels // 2, threads,
+                u.numpy(), delta.numpy(), delta_bias.numpy(), use_softplus, A.numpy(), B_t.numpy(), C_t.numpy(),
+                D.numpy(), y.numpy(), checkpoints.numpy(), chunk, save,
+            )
+        else:
+            _run_items(
+                kernels.scan_forward, kernels.count_items(batch, channels, groups, block), threads,
+                u.numpy(), delta.numpy(), delta_bias.numpy(), use_softplus, A.numpy(), B.numpy(), C.numpy(),
+                D.numpy(), y.numpy(), checkpoints.numpy(), chunk, block, save,
+            )
         if save:
             ctx.save_for_backward(u, delta, delta_bias, A, B, C, D, checkpoints)
             ctx.config = (chunk, block, use_softplus)

@@ -9,7 +9,9 @@ The recurrence is sequential in time but independent across channels and state e
 *channels*: a work item is one ``(batch, group, channel block)`` and the innermost loops run over the (up to
 ``block``) channels of that block, which share the same ``B``/``C`` values (channels of one group). That keeps the
 vectorised loop long and simple for every ``d_state`` (1, 4 or 16 alike), so nothing needs specialising on ``N`` at
-compile time: two kernels times two dtypes is all there is to compile.
+compile time. One more forward, :func:`scan_forward_state_lanes`, is specialised on ``N = 16`` (CIPA's encoder,
+CRM and DCIM): there the lanes run over the states of one channel, which stay in registers, and it is 1.2-1.4x
+faster; it writes the same checkpoints, so one backward serves both forwards.
 
 The kernels are serial and release the GIL (``nogil``); each call takes a range of work items, and
 :mod:`.numba_backend` runs disjoint ranges on a pool of threads. That costs nothing at run time (items are coarse),
@@ -57,6 +59,8 @@ __all__ = [
     "softplus",
     "softplus_slope",
     "scan_forward",
+    "scan_forward_state_lanes",
+    "state_lanes_apply",
     "scan_backward",
 ]
 
@@ -365,6 +369,90 @@ def scan_forward(
             for c in range(nc):
                 for s in range(nt):
                     y[bi, c0 + c, t0 + s] = yb[s, c]
+    return y
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Forward with lanes over the states (d_state = 16)
+#
+# For N = 16 a second forward lays SIMD lanes over the states of one channel instead of over channels: the state
+# vector of a channel (two AVX2 registers) stays in registers along time, the rows of u/delta/y are read and written
+# contiguously, and nothing is transposed. LLVM vectorises the state loop only when its trip count is a constant,
+# so the kernel is specialised on N = 16 by inlining (it is 1.2-1.5x faster than `scan_forward` at the encoder's
+# shapes, and slower at N = 4, half a register, where `scan_forward` stays in use). Two channels are advanced in
+# each time step so that the two independent recurrences hide each other's latency. It writes the same
+# checkpoints as `scan_forward`, so `scan_backward` serves both.
+# --------------------------------------------------------------------------------------------------------------------
+STATE_LANES = 16  #: the d_state that :func:`scan_forward_state_lanes` is specialised for
+_PAIR = 2  # channels advanced together
+
+
+def state_lanes_apply(nstate: int, channels: int, groups: int) -> bool:
+    """Whether :func:`scan_forward_state_lanes` handles a scan: N = 16 and channel pairs that stay within a group."""
+    per_group = channels // groups
+    return nstate == STATE_LANES and per_group % _PAIR == 0
+
+
+@njit(inline="always", fastmath=FASTMATH, error_model="numpy")
+def _pair_steps(nstate, Bt, Ct, bi, g, t0, nt, a, h, row_dt, row_du, row_y):  # pragma: no cover - compiled
+    """Advance the states ``h`` (2, N) of two channels of group ``g`` through ``nt`` steps; ``row_y`` (2, chunk)
+    gets ``<C_t, h_t>``. ``nstate`` is a literal at the call site, so the state loop unrolls into whole vectors."""
+    for s in range(nt):
+        t = t0 + s
+        for j in range(_PAIR):
+            dt_s = row_dt[j, s]
+            du_s = row_du[j, s]
+            acc = row_y.dtype.type(0)
+            for n in range(nstate):
+                hv = fast_exp(dt_s * a[j, n]) * h[j, n] + du_s * Bt[bi, g, t, n]
+                h[j, n] = hv
+                acc += hv * Ct[bi, g, t, n]
+            row_y[j, s] = acc
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", cache=_CACHE, nogil=True)
+def scan_forward_state_lanes(
+    u, delta, delta_bias, use_softplus, A, Bt, Ct, D, y, checkpoints, chunk, save, item_start, item_stop
+):  # pragma: no cover - compiled
+    """:func:`scan_forward` for N = 16 with lanes over the states (see above); only where :func:`state_lanes_apply`.
+
+    Shapes as in :func:`scan_forward`, except ``Bt``, ``Ct`` (b, G, L, N): ``B`` and ``C`` with time before state.
+    Items are ``(batch, channel pair)``, ``b * d / 2`` of them in row-major order.
+    """
+    channels, length = u.shape[1], u.shape[2]
+    groups = Bt.shape[1]
+    per_group = channels // groups
+    nchunks = (length + chunk - 1) // chunk
+    pairs = channels // _PAIR
+    dtype = u.dtype
+    a = np.empty((_PAIR, STATE_LANES), dtype)
+    h = np.empty((_PAIR, STATE_LANES), dtype)
+    row_dt = np.empty((_PAIR, chunk), dtype)
+    row_du = np.empty((_PAIR, chunk), dtype)
+    row_y = np.empty((_PAIR, chunk), dtype)
+    for item in range(item_start, item_stop):
+        bi = item // pairs
+        c0 = (item % pairs) * _PAIR
+        g = c0 // per_group
+        for j in range(_PAIR):
+            for n in range(STATE_LANES):
+                a[j, n] = A[c0 + j, n]
+                h[j, n] = 0
+        for k in range(nchunks):
+            t0 = k * chunk
+            nt = min(chunk, length - t0)
+            for j in range(_PAIR):
+                if save:
+                    for n in range(STATE_LANES):
+                        checkpoints[bi, k, n, c0 + j] = h[j, n]
+                _step_sizes(delta, delta_bias, use_softplus, bi, c0 + j, t0, nt, row_dt[j])
+                for s in range(nt):
+                    row_du[j, s] = row_dt[j, s] * u[bi, c0 + j, t0 + s]
+            _pair_steps(STATE_LANES, Bt, Ct, bi, g, t0, nt, a, h, row_dt, row_du, row_y)
+            for j in range(_PAIR):
+                d_skip = D[c0 + j]
+                for s in range(nt):
+                    y[bi, c0 + j, t0 + s] = row_y[j, s] + d_skip * u[bi, c0 + j, t0 + s]
     return y
 
 
