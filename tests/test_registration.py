@@ -15,10 +15,10 @@ import pytest
 
 from cipa_bundle.io.volume import Volume
 from cipa_bundle.preprocessing.registration import (
+    RigidGate,
     RigidResult,
     check_frame_of_reference,
     resample_to_reference,
-    RigidGate,
     rigid_refine,
 )
 from cipa_bundle.preprocessing.suv import FrameOfReferenceError

@@ -228,7 +228,8 @@ def test_both_numba_forwards_write_the_same_outputs_and_checkpoints(dtype: torch
     kernels.scan_forward(*arrays, B, C, D, y_channels, ck_channels, chunk, block, True,
                          0, kernels.count_items(batch, channels, groups, block))
     B_t, C_t = (np.ascontiguousarray(M.transpose(0, 1, 3, 2)) for M in (B, C))
-    kernels.scan_forward_state_lanes(*arrays, B_t, C_t, D, y_states, ck_states, chunk, True, 0, batch * channels // 2)
+    kernels.scan_forward_state_lanes(*arrays, B_t, C_t, D, y_states, ck_states, chunk, True,
+                                     0, kernels.count_items(batch, channels, groups, kernels.STATE_LANES_PAIR))
     # The states follow the same arithmetic in both layouts; only the sum over states for y is ordered differently.
     np.testing.assert_array_equal(ck_states, ck_channels)
     np.testing.assert_allclose(y_states, y_channels, rtol=0, atol=1e-5 if dtype == torch.float32 else 1e-12)

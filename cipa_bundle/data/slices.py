@@ -286,7 +286,6 @@ class LoadPCLT20Kd(MapTransform):
         return d
 
 
-
 class LoadPETCTSliced(MapTransform):
     """Any training or validation item of this project -> ``image`` ``(2, H, W)`` [CT, PET] in [0, 1] and ``label``
     ``(1, H, W)``, in the display orientation, whatever datalist source the item came from.

@@ -102,7 +102,8 @@ class _NumbaScan(torch.autograd.Function):
             # B and C time-major (small: G * N * L values) for the kernel that keeps each channel's states in registers.
             B_t, C_t = (M.transpose(2, 3).contiguous() for M in (B, C))
             _run_items(
-                kernels.scan_forward_state_lanes, batch * channels // 2, threads,
+                kernels.scan_forward_state_lanes,
+                kernels.count_items(batch, channels, groups, kernels.STATE_LANES_PAIR), threads,
                 u.numpy(), delta.numpy(), delta_bias.numpy(), use_softplus, A.numpy(), B_t.numpy(), C_t.numpy(),
                 D.numpy(), y.numpy(), checkpoints.numpy(), chunk, save,
             )

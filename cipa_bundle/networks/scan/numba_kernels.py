@@ -61,6 +61,8 @@ __all__ = [
     "scan_forward",
     "scan_forward_state_lanes",
     "state_lanes_apply",
+    "STATE_LANES",
+    "STATE_LANES_PAIR",
     "scan_backward",
 ]
 
@@ -384,13 +386,13 @@ def scan_forward(
 # checkpoints as `scan_forward`, so `scan_backward` serves both.
 # --------------------------------------------------------------------------------------------------------------------
 STATE_LANES = 16  #: the d_state that :func:`scan_forward_state_lanes` is specialised for
-_PAIR = 2  # channels advanced together
+STATE_LANES_PAIR = 2  #: channels advanced together: a work item of :func:`scan_forward_state_lanes`
 
 
 def state_lanes_apply(nstate: int, channels: int, groups: int) -> bool:
     """Whether :func:`scan_forward_state_lanes` handles a scan: N = 16 and channel pairs that stay within a group."""
     per_group = channels // groups
-    return nstate == STATE_LANES and per_group % _PAIR == 0
+    return nstate == STATE_LANES and per_group % STATE_LANES_PAIR == 0
 
 
 @njit(inline="always", fastmath=FASTMATH, error_model="numpy")
@@ -399,7 +401,7 @@ def _pair_steps(nstate, Bt, Ct, bi, g, t0, nt, a, h, row_dt, row_du, row_y):  # 
     gets ``<C_t, h_t>``. ``nstate`` is a literal at the call site, so the state loop unrolls into whole vectors."""
     for s in range(nt):
         t = t0 + s
-        for j in range(_PAIR):
+        for j in range(STATE_LANES_PAIR):
             dt_s = row_dt[j, s]
             du_s = row_du[j, s]
             acc = row_y.dtype.type(0)
@@ -417,31 +419,25 @@ def scan_forward_state_lanes(
     """:func:`scan_forward` for N = 16 with lanes over the states (see above); only where :func:`state_lanes_apply`.
 
     Shapes as in :func:`scan_forward`, except ``Bt``, ``Ct`` (b, G, L, N): ``B`` and ``C`` with time before state.
-    Items are ``(batch, channel pair)``, ``b * d / 2`` of them in row-major order.
+    Items are ``(batch, group, channel pair)`` in row-major order: ``count_items(b, d, G, STATE_LANES_PAIR)``.
     """
-    channels, length = u.shape[1], u.shape[2]
-    groups = Bt.shape[1]
-    per_group = channels // groups
-    nchunks = (length + chunk - 1) // chunk
-    pairs = channels // _PAIR
+    _, groups, per_group, pairs, length, nchunks = _tiling(u, A, Bt, chunk, STATE_LANES_PAIR)
     dtype = u.dtype
-    a = np.empty((_PAIR, STATE_LANES), dtype)
-    h = np.empty((_PAIR, STATE_LANES), dtype)
-    row_dt = np.empty((_PAIR, chunk), dtype)
-    row_du = np.empty((_PAIR, chunk), dtype)
-    row_y = np.empty((_PAIR, chunk), dtype)
+    a = np.empty((STATE_LANES_PAIR, STATE_LANES), dtype)
+    h = np.empty((STATE_LANES_PAIR, STATE_LANES), dtype)
+    row_dt = np.empty((STATE_LANES_PAIR, chunk), dtype)
+    row_du = np.empty((STATE_LANES_PAIR, chunk), dtype)
+    row_y = np.empty((STATE_LANES_PAIR, chunk), dtype)
     for item in range(item_start, item_stop):
-        bi = item // pairs
-        c0 = (item % pairs) * _PAIR
-        g = c0 // per_group
-        for j in range(_PAIR):
+        bi, g, _, c0, _ = _item_channels(item, groups, pairs, per_group, STATE_LANES_PAIR)
+        for j in range(STATE_LANES_PAIR):
             for n in range(STATE_LANES):
                 a[j, n] = A[c0 + j, n]
                 h[j, n] = 0
         for k in range(nchunks):
             t0 = k * chunk
             nt = min(chunk, length - t0)
-            for j in range(_PAIR):
+            for j in range(STATE_LANES_PAIR):
                 if save:
                     for n in range(STATE_LANES):
                         checkpoints[bi, k, n, c0 + j] = h[j, n]
@@ -449,7 +445,7 @@ def scan_forward_state_lanes(
                 for s in range(nt):
                     row_du[j, s] = row_dt[j, s] * u[bi, c0 + j, t0 + s]
             _pair_steps(STATE_LANES, Bt, Ct, bi, g, t0, nt, a, h, row_dt, row_du, row_y)
-            for j in range(_PAIR):
+            for j in range(STATE_LANES_PAIR):
                 d_skip = D[c0 + j]
                 for s in range(nt):
                     y[bi, c0 + j, t0 + s] = row_y[j, s] + d_skip * u[bi, c0 + j, t0 + s]
