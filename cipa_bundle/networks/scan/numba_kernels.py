@@ -356,6 +356,27 @@ def _prefetch_tile(array, first, count, lo, hi, for_write):  # pragma: no cover 
         _prefetch(row, hi - lo - 1, for_write)
 
 
+@njit(inline="always")
+def _prefetch_forward_chunk(u, delta, y, bi, c0, nc, t0, t1):  # pragma: no cover - compiled
+    """Prefetch the row segments ``[t0, t1)`` of channels ``c0:c0 + nc`` that the forward reads and writes."""
+    _prefetch_tile(u[bi], c0, nc, t0, t1, False)
+    _prefetch_tile(delta[bi], c0, nc, t0, t1, False)
+    _prefetch_tile(y[bi], c0, nc, t0, t1, True)
+
+
+@njit(inline="always")
+def _prefetch_backward_chunk(u, delta, gy, gu, gdelta, checkpoints, bi, c0, nc, k, chunk):  # pragma: no cover
+    """Prefetch what the backward reads and writes for chunk ``k`` of channels ``c0:c0 + nc``."""
+    t0 = k * chunk
+    t1 = min(t0 + chunk, u.shape[2])
+    _prefetch_tile(u[bi], c0, nc, t0, t1, False)
+    _prefetch_tile(delta[bi], c0, nc, t0, t1, False)
+    _prefetch_tile(gy[bi], c0, nc, t0, t1, False)
+    _prefetch_tile(gu[bi], c0, nc, t0, t1, True)
+    _prefetch_tile(gdelta[bi], c0, nc, t0, t1, True)
+    _prefetch_tile(checkpoints[bi, k], 0, checkpoints.shape[2], c0, c0 + nc, False)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Forward
 # --------------------------------------------------------------------------------------------------------------------
@@ -389,13 +410,13 @@ def scan_forward(
         for k in range(nchunks):
             t0 = k * chunk
             nt = min(chunk, length - t0)
+            # The next chunk's row segments (one per channel, far apart in memory: too many streams for the
+            # hardware prefetcher to follow), or at the item's last chunk the next item's first.
             if k + 1 < nchunks:
-                # The next chunk's row segments (one per channel, far apart in memory: too many streams for the
-                # hardware prefetcher to follow).
-                t1, t2 = t0 + chunk, min(t0 + 2 * chunk, length)
-                _prefetch_tile(u[bi], c0, nc, t1, t2, False)
-                _prefetch_tile(delta[bi], c0, nc, t1, t2, False)
-                _prefetch_tile(y[bi], c0, nc, t1, t2, True)
+                _prefetch_forward_chunk(u, delta, y, bi, c0, nc, t0 + chunk, min(t0 + 2 * chunk, length))
+            elif item + 1 < item_stop:
+                next_bi, _, _, next_c0, next_nc = _item_channels(item + 1, groups, nblocks, per_group, block)
+                _prefetch_forward_chunk(u, delta, y, next_bi, next_c0, next_nc, 0, min(chunk, length))
             if save:
                 saved = checkpoints[bi, k]
                 for n in range(nstate):
@@ -491,6 +512,12 @@ def scan_forward_state_lanes(
         for k in range(nchunks):
             t0 = k * chunk
             nt = min(chunk, length - t0)
+            # Each new pair of rows starts two new streams per array, which the hardware prefetcher picks up late.
+            if k + 1 < nchunks:
+                _prefetch_forward_chunk(u, delta, y, bi, c0, STATE_LANES_PAIR, t0 + chunk, min(t0 + 2 * chunk, length))
+            elif item + 1 < item_stop:
+                next_bi, _, _, next_c0, _ = _item_channels(item + 1, groups, pairs, per_group, STATE_LANES_PAIR)
+                _prefetch_forward_chunk(u, delta, y, next_bi, next_c0, STATE_LANES_PAIR, 0, min(chunk, length))
             for j in range(STATE_LANES_PAIR):
                 if save:
                     for n in range(STATE_LANES):
@@ -563,14 +590,14 @@ def scan_backward(
         for k in range(nchunks - 1, -1, -1):
             t0 = k * chunk
             nt = min(chunk, length - t0)
+            # The previous chunk's row segments and checkpoint (see scan_forward), or the next item's last chunk.
             if k > 0:
-                # The previous chunk's row segments and checkpoint (see scan_forward).
-                _prefetch_tile(u[bi], c0, nc, t0 - chunk, t0, False)
-                _prefetch_tile(delta[bi], c0, nc, t0 - chunk, t0, False)
-                _prefetch_tile(gy[bi], c0, nc, t0 - chunk, t0, False)
-                _prefetch_tile(gu[bi], c0, nc, t0 - chunk, t0, True)
-                _prefetch_tile(gdelta[bi], c0, nc, t0 - chunk, t0, True)
-                _prefetch_tile(checkpoints[bi, k - 1], 0, nstate, c0, c0 + nc, False)
+                _prefetch_backward_chunk(u, delta, gy, gu, gdelta, checkpoints, bi, c0, nc, k - 1, chunk)
+            elif item + 1 < item_stop:
+                next_bi, _, _, next_c0, next_nc = _item_channels(item + 1, groups, nblocks, per_group, block)
+                _prefetch_backward_chunk(
+                    u, delta, gy, gu, gdelta, checkpoints, next_bi, next_c0, next_nc, nchunks - 1, chunk
+                )
             for c in range(nc):
                 _step_sizes(delta[bi, c0 + c, t0:t0 + nt], delta_bias[c0 + c], use_softplus, nt, row_dt)
                 u_row = u[bi, c0 + c, t0:t0 + nt]
