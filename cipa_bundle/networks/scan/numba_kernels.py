@@ -368,6 +368,25 @@ def _prefetch_forward_chunk(u, delta, y, bi, c0, nc, t0, t1):  # pragma: no cove
 
 
 @njit(inline="always")
+def _prefetch_forward_ahead(
+    u, delta, y, bi, c0, nc, k, chunk, item, item_stop, groups, nblocks, per_group, block
+):  # pragma: no cover - compiled
+    """During chunk ``k`` of work item ``item`` (channels ``c0:c0 + nc``), prefetch the forward's next chunk, or at
+    the item's last chunk the first chunk of the next item in ``item_stop``'s range.
+
+    The row segments of one chunk are far apart in memory (one per channel): too many streams for the hardware
+    prefetcher to follow, and each new item starts new streams.
+    """
+    length = u.shape[2]
+    t1 = (k + 1) * chunk
+    if t1 < length:
+        _prefetch_forward_chunk(u, delta, y, bi, c0, nc, t1, min(t1 + chunk, length))
+    elif item + 1 < item_stop:
+        next_bi, _, _, next_c0, next_nc = _item_channels(item + 1, groups, nblocks, per_group, block)
+        _prefetch_forward_chunk(u, delta, y, next_bi, next_c0, next_nc, 0, min(chunk, length))
+
+
+@njit(inline="always")
 def _prefetch_backward_chunk(u, delta, gy, gu, gdelta, checkpoints, bi, c0, nc, k, chunk):  # pragma: no cover
     """Prefetch what the backward reads and writes for chunk ``k`` of channels ``c0:c0 + nc``."""
     t0 = k * chunk
@@ -413,13 +432,9 @@ def scan_forward(
         for k in range(nchunks):
             t0 = k * chunk
             nt = min(chunk, length - t0)
-            # The next chunk's row segments (one per channel, far apart in memory: too many streams for the
-            # hardware prefetcher to follow), or at the item's last chunk the next item's first.
-            if k + 1 < nchunks:
-                _prefetch_forward_chunk(u, delta, y, bi, c0, nc, t0 + chunk, min(t0 + 2 * chunk, length))
-            elif item + 1 < item_stop:
-                next_bi, _, _, next_c0, next_nc = _item_channels(item + 1, groups, nblocks, per_group, block)
-                _prefetch_forward_chunk(u, delta, y, next_bi, next_c0, next_nc, 0, min(chunk, length))
+            _prefetch_forward_ahead(
+                u, delta, y, bi, c0, nc, k, chunk, item, item_stop, groups, nblocks, per_group, block
+            )
             if save:
                 saved = checkpoints[bi, k]
                 for n in range(nstate):
@@ -515,12 +530,10 @@ def scan_forward_state_lanes(
         for k in range(nchunks):
             t0 = k * chunk
             nt = min(chunk, length - t0)
-            # Each new pair of rows starts two new streams per array, which the hardware prefetcher picks up late.
-            if k + 1 < nchunks:
-                _prefetch_forward_chunk(u, delta, y, bi, c0, STATE_LANES_PAIR, t0 + chunk, min(t0 + 2 * chunk, length))
-            elif item + 1 < item_stop:
-                next_bi, _, _, next_c0, _ = _item_channels(item + 1, groups, pairs, per_group, STATE_LANES_PAIR)
-                _prefetch_forward_chunk(u, delta, y, next_bi, next_c0, STATE_LANES_PAIR, 0, min(chunk, length))
+            _prefetch_forward_ahead(
+                u, delta, y, bi, c0, STATE_LANES_PAIR, k, chunk, item, item_stop, groups, pairs, per_group,
+                STATE_LANES_PAIR,
+            )
             for j in range(STATE_LANES_PAIR):
                 if save:
                     for n in range(STATE_LANES):
