@@ -1,5 +1,8 @@
 """Benchmark the CIPA network on the CPU: (b) forward at 512x512, batch 1, against a dense matmul job of the same
-FLOPs measured in the same run, with peak memory; (c) forward + backward at batch 2.
+arithmetic measured in the same run, with peak memory; (c) forward + backward at batch 2.
+
+The network's arithmetic is fvcore's count, 74.32 G at 512x512 without the scans. fvcore counts one fused
+multiply-add as one "FLOP", so the yardstick performs 74.32 G multiply-adds (148.6 G floating-point operations).
 
 Usage::
 
@@ -20,19 +23,20 @@ import torch
 
 from cipa_bundle.networks import CIPA
 
-#: fvcore's count for the default model at 512x512 without the scans (cipa_architecture.md section 9).
-PAPER_GFLOPS = 74.32
+#: fvcore's count for the default model at 512x512 without the scans (cipa_architecture.md section 9), in billions of
+#: multiply-adds: fvcore counts one fused multiply-add as one FLOP (its FlopCountAnalysis documentation says so).
+FVCORE_GMACS = 74.32
 
 
 def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
-def _dense_matmul_seconds(gflops: float, size: int = 2048) -> float:
-    """Time square fp32 matmuls adding up to ``gflops`` (2 * n^3 FLOPs each): the machine's dense-compute yardstick."""
+def _dense_matmul_seconds(gmacs: float, size: int = 2048) -> float:
+    """Time square fp32 matmuls adding up to ``gmacs`` billion multiply-adds (n^3 each): the dense-compute yardstick."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     torch.mm(a, b)
-    count = max(1, round(gflops * 1e9 / (2 * size**3)))
+    count = max(1, round(gmacs * 1e9 / size**3))
     start = time.perf_counter()
     for _ in range(count):
         torch.mm(a, b)
@@ -49,7 +53,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = CIPA(img_size=args.img_size, dims=args.dims)
     params = sum(p.numel() for p in model.parameters())
-    gflops = PAPER_GFLOPS * (args.img_size / 512) ** 2 * (args.dims / 96) ** 2
+    gmacs = FVCORE_GMACS * (args.img_size / 512) ** 2 * (args.dims / 96) ** 2
     rows = []
 
     model.eval()
@@ -59,7 +63,7 @@ def main() -> None:
         start = time.perf_counter()
         model(x)
         forward = time.perf_counter() - start
-    dense = _dense_matmul_seconds(gflops)
+    dense = _dense_matmul_seconds(gmacs)
     rows.append(("(b) forward, batch 1", forward, dense, _peak_rss_gb()))
 
     if not args.skip_backward:
@@ -69,10 +73,10 @@ def main() -> None:
         model(x2).float().square().mean().backward()
         rows.append(("(c) forward + backward, batch 2", time.perf_counter() - start, None, _peak_rss_gb()))
 
-    print(f"CIPA img_size={args.img_size} dims={args.dims}: {params:,} parameters, ~{gflops:.1f} GFLOPs without scans")
+    print(f"CIPA img_size={args.img_size} dims={args.dims}: {params:,} parameters, ~{gmacs:.1f} G multiply-adds without scans")
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     print()
-    print("| run | seconds | dense matmul of the same FLOPs, s | ratio | peak RSS GB |")
+    print("| run | seconds | dense matmuls of the same multiply-adds, s | ratio | peak RSS GB |")
     print("|---|---|---|---|---|")
     for name, seconds, reference, rss in rows:
         ratio = f"{seconds / reference:.1f}x" if reference else "-"
