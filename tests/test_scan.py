@@ -255,18 +255,19 @@ def test_numba_results_do_not_depend_on_the_thread_count() -> None:
 def test_fast_exp_and_softplus_accuracy() -> None:
     from numba import njit
 
-    from cipa_bundle.networks.scan.numba_kernels import fast_exp, softplus
+    from cipa_bundle.networks.scan.numba_kernels import fast_exp, softplus, softplus_with_slope
 
     @njit
-    def apply(x, out_exp, out_softplus):
+    def apply(x, out_exp, out_softplus, out_value, out_slope):
         for i in range(x.shape[0]):
             out_exp[i] = fast_exp(x[i])
             out_softplus[i] = softplus(x[i])
+            out_value[i], out_slope[i] = softplus_with_slope(x[i])
 
     special = [0.0, -1e-30, 1e-30, 20.0, 20.5, -87.0, -100.0, 88.7, 88.8, np.nan, np.inf, -np.inf]
     x = np.concatenate([np.linspace(-86.5, 88.5, 200_001), special]).astype(np.float32)
-    out_exp, out_softplus = np.empty_like(x), np.empty_like(x)
-    apply(x, out_exp, out_softplus)
+    out_exp, out_softplus, out_value, out_slope = (np.empty_like(x) for _ in range(4))
+    apply(x, out_exp, out_softplus, out_value, out_slope)
     exact = np.exp(x.astype(np.float64))
     normal = (x >= -86.5) & (x <= 88.7)
     # Within 2 float32 ulps (an ulp is 2^-23 relative at most) of the exact value over the whole range it computes.
@@ -274,11 +275,41 @@ def test_fast_exp_and_softplus_accuracy() -> None:
     assert out_exp[-7] == 0.0 and out_exp[-6] == 0.0 and out_exp[-4] == np.inf  # below -86.5: 0; overflow: inf
     assert np.isnan(out_exp[-3]) and out_exp[-2] == np.inf and out_exp[-1] == 0.0
     finite = np.isfinite(x)
-    exact_sp = torch.nn.functional.softplus(torch.from_numpy(x).double()).numpy()
+    x64 = torch.from_numpy(x).double()
+    exact_sp = torch.nn.functional.softplus(x64).numpy()
     # Absolute slack of 3e-38: below -86.5 the exp is 0, where softplus would be a float32 denormal.
     close = np.abs(out_softplus[finite] - exact_sp[finite]) <= 2 * 2.0**-23 * exact_sp[finite] + 3e-38
     assert close.all()
     assert np.isnan(out_softplus[-3]) and out_softplus[-2] == np.inf and out_softplus[-1] == 0.0
+    # The backward's fused version: the same softplus bit for bit, and torch's slope (sigmoid; exactly 1 above 20).
+    assert np.array_equal(out_value, out_softplus, equal_nan=True)
+    exact_slope = torch.sigmoid(x64).numpy()
+    close = np.abs(out_slope[finite] - exact_slope[finite]) <= 2 * 2.0**-23 * exact_slope[finite] + 3e-38
+    assert close.all()
+    assert (out_slope[x > 20] == 1.0).all() and out_slope[-2] == 1.0 and out_slope[-1] == 0.0
+    assert np.isnan(out_slope[-3])
+    assert out_slope[0] > 0 and (out_slope[x == 0.0] == 0.5).all()
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_block_transpose_writes_exactly_the_transposed_block(dtype) -> None:
+    from numba import njit
+
+    from cipa_bundle.networks.scan.numba_kernels import _transpose
+
+    @njit
+    def transpose(src, src_row, src_col, rows, cols, dst, dst_row, dst_col):
+        _transpose(src, src_row, src_col, rows, cols, dst, dst_row, dst_col)
+
+    src = np.random.default_rng(0).standard_normal((37, 45)).astype(dtype)
+    # Whole 8 x 8 blocks only, blocks with edges on one or both sides, edges only, and nothing at all.
+    for rows, cols in ((32, 32), (19, 13), (8, 5), (3, 16), (0, 7)):
+        dst = np.full((50, 40), np.nan, dtype)
+        transpose(src, 2, 3, rows, cols, dst, 4, 1)
+        expected = np.full_like(dst, np.nan)
+        expected[4:4 + cols, 1:1 + rows] = src[2:2 + rows, 3:3 + cols].T
+        assert np.array_equal(dst, expected, equal_nan=True), (rows, cols)
 
 
 def test_cache_folder_falls_back_when_the_install_is_read_only(tmp_path: Path) -> None:

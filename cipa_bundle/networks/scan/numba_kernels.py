@@ -19,8 +19,11 @@ and compared with ``parallel=True``/``prange`` it compiles about 2.5x faster, ne
 (so no second OpenMP runtime next to torch's, no fork-safety or re-entrancy caveats), and follows
 ``torch.get_num_threads()`` directly.
 
-Time is cut into chunks of ``chunk`` steps; each chunk's ``(time, channel)`` tile of ``u``/``dt``/``y`` is copied
-(transposed) through a small buffer so that the channel loop reads contiguous memory.
+Time is cut into chunks of ``chunk`` steps. The loops over states read ``(time, channel)`` tiles of a chunk so that
+the channel loop runs over contiguous memory; the work per step (softplus, products with ``u``, the gradients of
+``u`` and ``delta``) runs on ``(channel, time)`` rows, contiguous in time. Whole 8 x 8 blocks move between the two
+layouts with vector shuffles (:func:`_transpose_8x8`): LLVM turns a transposing copy loop into one scalar load and
+store per element.
 
 Two rules for memory access keep those copies cheap:
 
@@ -71,7 +74,7 @@ __all__ = [
     "count_items",
     "fast_exp",
     "softplus",
-    "softplus_slope",
+    "softplus_with_slope",
     "scan_forward",
     "scan_forward_state_lanes",
     "state_lanes_apply",
@@ -238,9 +241,8 @@ def _log1p_unit_f32(w):  # pragma: no cover - compiled
 
 
 def _softplus_f32(z):
-    # max(z, 0) + log1p(exp(-|z|)) equals log1p(exp(z)) but cannot overflow.
-    tail = _log1p_unit_f32(fast_exp(-abs(z)))
-    return z if z > np.float32(_SOFTPLUS_THRESHOLD) else max(z, np.float32(0.0)) + tail
+    # The slope computed alongside is unused here, and LLVM removes it.
+    return softplus_with_slope(z)[0]
 
 
 def _softplus_f64(z):
@@ -249,7 +251,7 @@ def _softplus_f64(z):
 
 def softplus(z: float) -> float:
     """torch's ``softplus(z)`` (threshold 20); compiled per dtype inside numba code."""
-    return z if z > _SOFTPLUS_THRESHOLD else math.log1p(math.exp(z))
+    return _softplus_f64(z)
 
 
 @overload(softplus, jit_options=_HELPER_OPTIONS)
@@ -261,26 +263,33 @@ def _softplus_overload(z):
     return None
 
 
-def _softplus_slope_f32(z):
-    sigmoid = np.float32(1.0) / (np.float32(1.0) + fast_exp(-z))
-    return np.float32(1.0) if z > np.float32(_SOFTPLUS_THRESHOLD) else sigmoid
+def _softplus_with_slope_f32(z):
+    # max(z, 0) + log1p(exp(-|z|)) equals log1p(exp(z)) but cannot overflow. The same w = exp(-|z|) gives the slope:
+    # sigmoid(z) is 1 / (1 + w) for z >= 0 and w / (1 + w) below.
+    w = fast_exp(-abs(z))
+    value = max(z, np.float32(0.0)) + _log1p_unit_f32(w)
+    reciprocal = np.float32(1.0) / (np.float32(1.0) + w)
+    sigmoid = reciprocal if z >= np.float32(0.0) else w * reciprocal
+    above = z > np.float32(_SOFTPLUS_THRESHOLD)
+    return (z if above else value), (np.float32(1.0) if above else sigmoid)
 
 
-def _softplus_slope_f64(z):
-    return 1.0 if z > _SOFTPLUS_THRESHOLD else 1.0 / (1.0 + math.exp(-z))
+def _softplus_with_slope_f64(z):
+    return softplus(z), (1.0 if z > _SOFTPLUS_THRESHOLD else 1.0 / (1.0 + math.exp(-z)))
 
 
-def softplus_slope(z: float) -> float:
-    """d softplus / dz as torch computes it: ``sigmoid(z)``, and exactly 1 above the threshold."""
-    return 1.0 if z > _SOFTPLUS_THRESHOLD else 1.0 / (1.0 + math.exp(-z))
+def softplus_with_slope(z: float) -> tuple[float, float]:
+    """``(softplus(z), d softplus / dz)`` as torch computes them: the slope is ``sigmoid(z)``, and exactly 1 above
+    the threshold, where softplus returns ``z`` itself. The float32 version shares one exp between the two."""
+    return _softplus_with_slope_f64(z)
 
 
-@overload(softplus_slope, jit_options=_HELPER_OPTIONS)
-def _softplus_slope_overload(z):
+@overload(softplus_with_slope, jit_options=_HELPER_OPTIONS)
+def _softplus_with_slope_overload(z):
     if z == types.float32:
-        return _softplus_slope_f32
+        return _softplus_with_slope_f32
     if z == types.float64:
-        return _softplus_slope_f64
+        return _softplus_with_slope_f64
     return None
 
 
@@ -326,6 +335,13 @@ def _step_sizes(delta_row, bias, use_softplus, nt, row_dt):  # pragma: no cover 
             row_dt[s] = delta_row[s] + bias
 
 
+@njit(inline="always", fastmath=FASTMATH, error_model="numpy")
+def _step_sizes_and_slopes(delta_row, bias, nt, row_dt, row_slope):  # pragma: no cover - compiled
+    """:func:`_step_sizes` with the softplus, also writing its slope: ``row_slope[:nt] = softplus'(delta_row + bias)``."""
+    for s in range(nt):
+        row_dt[s], row_slope[s] = softplus_with_slope(delta_row[s] + bias)
+
+
 @intrinsic
 def _prefetch(typingctx, row, index, for_write):
     """Ask the CPU to bring ``row[index]`` into the caches (``llvm.prefetch``); ``for_write`` is a literal bool."""
@@ -346,6 +362,88 @@ def _prefetch(typingctx, row, index, for_write):
         return context.get_dummy_value()
 
     return types.none(row, index, for_write), codegen
+
+
+# Shuffle masks of an 8 x 8 transpose in three rounds (the AVX unpack / shuffle / 128-bit-lane pattern): interleave
+# the elements of row pairs, then the element pairs of pair rows, then the 4-element halves of quad rows.
+_INTERLEAVE_LOW = (0, 8, 1, 9, 4, 12, 5, 13)
+_INTERLEAVE_HIGH = (2, 10, 3, 11, 6, 14, 7, 15)
+_PAIRS_LOW = (0, 1, 8, 9, 4, 5, 12, 13)
+_PAIRS_HIGH = (2, 3, 10, 11, 6, 7, 14, 15)
+_HALVES_LOW = (0, 1, 2, 3, 8, 9, 10, 11)
+_HALVES_HIGH = (4, 5, 6, 7, 12, 13, 14, 15)
+
+
+@intrinsic
+def _transpose_8x8(typingctx, src, src_row, src_col, dst, dst_row, dst_col):
+    """``dst[dst_row + j, dst_col + i] = src[src_row + i, src_col + j]`` for ``i, j < 8``, with vector shuffles.
+
+    ``src`` and ``dst`` are 2-D float arrays of one dtype whose rows are contiguous; the caller keeps the block in
+    bounds (no checks). LLVM's loop vectoriser cannot do this itself: a transposing copy loop becomes scalar loads
+    and stores, one per element.
+    """
+    if not (
+        isinstance(src, types.Array) and isinstance(dst, types.Array) and src.ndim == 2 and dst.ndim == 2
+        and src.dtype == dst.dtype and isinstance(src.dtype, types.Float)
+        and all(isinstance(i, types.Integer) for i in (src_row, src_col, dst_row, dst_col))
+    ):
+        return None
+
+    def codegen(context, builder, signature, args):
+        src_type, src_row_type, src_col_type, dst_type, dst_row_type, dst_col_type = signature.args
+        vector = ir.VectorType(context.get_value_type(src_type.dtype), 8)
+        i32 = ir.IntType(32)
+
+        def row_pointers(array_type, array_value, row, row_type, col, col_type):
+            array = context.make_array(array_type)(context, builder, array_value)
+            row = context.cast(builder, row, row_type, types.intp)
+            col = context.cast(builder, col, col_type, types.intp)
+            pointers = []
+            for k in range(8):
+                index = [builder.add(row, context.get_constant(types.intp, k)), col]
+                pointer = cgutils.get_item_pointer(context, builder, array_type, array, index, wraparound=False)
+                pointers.append(builder.bitcast(pointer, vector.as_pointer()))
+            return pointers
+
+        def shuffle(a, b, mask):
+            return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, 8), list(mask)))
+
+        sources = row_pointers(src_type, args[0], args[1], src_row_type, args[2], src_col_type)
+        rows = [builder.load(pointer, align=src_type.dtype.bitwidth // 8) for pointer in sources]
+        mixed = []
+        for k in range(0, 8, 2):
+            mixed += [shuffle(rows[k], rows[k + 1], _INTERLEAVE_LOW), shuffle(rows[k], rows[k + 1], _INTERLEAVE_HIGH)]
+        quads = []
+        for k in (0, 4):
+            quads += [
+                shuffle(mixed[k], mixed[k + 2], _PAIRS_LOW), shuffle(mixed[k], mixed[k + 2], _PAIRS_HIGH),
+                shuffle(mixed[k + 1], mixed[k + 3], _PAIRS_LOW), shuffle(mixed[k + 1], mixed[k + 3], _PAIRS_HIGH),
+            ]
+        columns = [shuffle(quads[k], quads[k + 4], _HALVES_LOW) for k in range(4)]
+        columns += [shuffle(quads[k], quads[k + 4], _HALVES_HIGH) for k in range(4)]
+        targets = row_pointers(dst_type, args[3], args[4], dst_row_type, args[5], dst_col_type)
+        for column, pointer in zip(columns, targets):
+            builder.store(column, pointer, align=dst_type.dtype.bitwidth // 8)
+        return context.get_dummy_value()
+
+    return types.none(src, src_row, src_col, dst, dst_row, dst_col), codegen
+
+
+@njit(inline="always")
+def _transpose(src, src_row, src_col, rows, cols, dst, dst_row, dst_col):  # pragma: no cover - compiled
+    """``dst[dst_row + j, dst_col + i] = src[src_row + i, src_col + j]`` for ``i < rows``, ``j < cols``.
+
+    Whole 8 x 8 blocks go through :func:`_transpose_8x8`, the edges element by element.
+    """
+    full_rows = rows - rows % 8
+    full_cols = cols - cols % 8
+    for i in range(0, full_rows, 8):
+        for j in range(0, full_cols, 8):
+            _transpose_8x8(src, src_row + i, src_col + j, dst, dst_row + j, dst_col + i)
+    for i in range(rows):
+        source = src[src_row + i]
+        for j in range(full_cols if i < full_rows else 0, cols):
+            dst[dst_row + j, dst_col + i] = source[src_col + j]
 
 
 @njit(inline="always")
@@ -419,10 +517,13 @@ def scan_forward(
     zero = dtype.type(0)
     a = np.empty((nstate, block), dtype)
     h = np.empty((nstate, block), dtype)
+    # (time, channel) tiles for the recurrence, and (channel, time) rows for the work per step.
     dtb = np.empty((chunk, block), dtype)  # dt
     dub = np.empty((chunk, block), dtype)  # dt * u
     yb = np.empty((chunk, block), dtype)
-    row_dt = np.empty(chunk, dtype)
+    dt_rows = np.empty((block, chunk), dtype)
+    du_rows = np.empty((block, chunk), dtype)
+    y_rows = np.empty((block, chunk), dtype)
     for item in range(item_start, item_stop):
         bi, g, _, c0, nc = _item_channels(item, groups, nblocks, per_group, block)
         for n in range(nstate):
@@ -441,15 +542,18 @@ def scan_forward(
                     for c in range(nc):
                         saved[n, c0 + c] = h[n, c]
             for c in range(nc):
-                # The tiles the recurrence reads are (time, channel); filling them from the row is plain copying.
-                _step_sizes(delta[bi, c0 + c, t0:t0 + nt], delta_bias[c0 + c], use_softplus, nt, row_dt)
+                dt_row = dt_rows[c]
+                _step_sizes(delta[bi, c0 + c, t0:t0 + nt], delta_bias[c0 + c], use_softplus, nt, dt_row)
                 u_row = u[bi, c0 + c, t0:t0 + nt]
+                du_row = du_rows[c]
+                y_row = y_rows[c]
                 d_skip = D[c0 + c]
                 for s in range(nt):
-                    x = u_row[s]
-                    dtb[s, c] = row_dt[s]
-                    dub[s, c] = row_dt[s] * x
-                    yb[s, c] = d_skip * x
+                    du_row[s] = dt_row[s] * u_row[s]
+                    y_row[s] = d_skip * u_row[s]
+            _transpose(dt_rows, 0, 0, nc, nt, dtb, 0, 0)
+            _transpose(du_rows, 0, 0, nc, nt, dub, 0, 0)
+            _transpose(y_rows, 0, 0, nc, nt, yb, 0, 0)
             B_chunk = B[bi, g, :, t0:t0 + nt]
             C_chunk = C[bi, g, :, t0:t0 + nt]
             for s in range(nt):
@@ -460,10 +564,7 @@ def scan_forward(
                         hv = fast_exp(dtb[s, c] * a[n, c]) * h[n, c] + dub[s, c] * b_tn
                         h[n, c] = hv
                         yb[s, c] += hv * c_tn
-            for c in range(nc):
-                y_row = y[bi, c0 + c, t0:t0 + nt]
-                for s in range(nt):
-                    y_row[s] = yb[s, c]
+            _transpose(yb, 0, 0, nt, nc, y[bi], c0, t0)
     return y
 
 
@@ -585,11 +686,17 @@ def scan_backward(
     ga = np.empty((nstate, block), dtype)
     hs = np.empty((chunk, nstate, block), dtype)  # h_{t-1} for each step of the chunk
     decay = np.empty((chunk, nstate, block), dtype)  # a_t
+    # (time, channel) tiles for the loops over states, and (channel, time) rows for the work per step.
     dtb = np.empty((chunk, block), dtype)
     dub = np.empty((chunk, block), dtype)
     gyb = np.empty((chunk, block), dtype)
     gbb = np.empty((chunk, block), dtype)  # <g_t, B_t>
     gab = np.empty((chunk, block), dtype)  # <g_t, A a_t h_{t-1}>
+    dt_rows = np.empty((block, chunk), dtype)
+    du_rows = np.empty((block, chunk), dtype)
+    slopes = np.empty((block, chunk), dtype)  # softplus'(delta + delta_bias)
+    gbb_rows = np.empty((block, chunk), dtype)
+    gab_rows = np.empty((block, chunk), dtype)
     gd = np.empty(block, dtype)
     gbias = np.empty(block, dtype)
     row_dt = np.empty(chunk, dtype)
@@ -615,18 +722,23 @@ def scan_backward(
                     u, delta, gy, gu, gdelta, checkpoints, next_bi, next_c0, next_nc, nchunks - 1, chunk
                 )
             for c in range(nc):
-                _step_sizes(delta[bi, c0 + c, t0:t0 + nt], delta_bias[c0 + c], use_softplus, nt, row_dt)
+                delta_row = delta[bi, c0 + c, t0:t0 + nt]
+                dt_row = dt_rows[c]
+                if use_softplus:
+                    _step_sizes_and_slopes(delta_row, delta_bias[c0 + c], nt, dt_row, slopes[c])
+                else:
+                    _step_sizes(delta_row, delta_bias[c0 + c], False, nt, dt_row)
                 u_row = u[bi, c0 + c, t0:t0 + nt]
                 gy_row = gy[bi, c0 + c, t0:t0 + nt]
+                du_row = du_rows[c]
                 skip_grad = zero
                 for s in range(nt):
-                    x = u_row[s]
-                    grad = gy_row[s]
-                    dtb[s, c] = row_dt[s]
-                    dub[s, c] = row_dt[s] * x
-                    gyb[s, c] = grad
-                    skip_grad += grad * x
+                    du_row[s] = dt_row[s] * u_row[s]
+                    skip_grad += gy_row[s] * u_row[s]
                 gd[c] += skip_grad
+            _transpose(dt_rows, 0, 0, nc, nt, dtb, 0, 0)
+            _transpose(du_rows, 0, 0, nc, nt, dub, 0, 0)
+            _transpose(gy[bi], c0, t0, nc, nt, gyb, 0, 0)
             # Recompute the chunk's states from its checkpoint.
             saved = checkpoints[bi, k]
             for n in range(nstate):
@@ -667,18 +779,23 @@ def scan_backward(
                         carry[n, c] = grad_h * e
                     gB_chunk[n, s] = sum_b
                     gC_chunk[n, s] = sum_c
+            _transpose(gbb, 0, 0, nt, nc, gbb_rows, 0, 0)
+            _transpose(gab, 0, 0, nt, nc, gab_rows, 0, 0)
             for c in range(nc):
                 d_skip = D[c0 + c]
                 u_row = u[bi, c0 + c, t0:t0 + nt]
+                gy_row = gy[bi, c0 + c, t0:t0 + nt]
                 gu_row = gu[bi, c0 + c, t0:t0 + nt]
+                dt_row = dt_rows[c]
+                gbb_row = gbb_rows[c]
+                gab_row = gab_rows[c]
                 for s in range(nt):
-                    gu_row[s] = dtb[s, c] * gbb[s, c] + d_skip * gyb[s, c]
-                    row_dt[s] = gab[s, c] + u_row[s] * gbb[s, c]
+                    gu_row[s] = dt_row[s] * gbb_row[s] + d_skip * gy_row[s]
+                    row_dt[s] = gab_row[s] + u_row[s] * gbb_row[s]
                 if use_softplus:
-                    bias = delta_bias[c0 + c]
-                    delta_row = delta[bi, c0 + c, t0:t0 + nt]
+                    slope_row = slopes[c]
                     for s in range(nt):
-                        row_dt[s] *= softplus_slope(delta_row[s] + bias)
+                        row_dt[s] *= slope_row[s]
                 gdelta_row = gdelta[bi, c0 + c, t0:t0 + nt]
                 bias_grad = zero
                 for s in range(nt):
