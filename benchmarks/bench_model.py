@@ -22,6 +22,7 @@ import time
 import torch
 
 from cipa_bundle.networks import CIPA
+from cipa_bundle.runtime import retain_freed_memory
 
 #: fvcore's count for the default model at 512x512 without the scans (cipa_architecture.md section 9), in billions of
 #: multiply-adds: fvcore counts one fused multiply-add as one FLOP (its FlopCountAnalysis documentation says so).
@@ -48,7 +49,12 @@ def main() -> None:
     parser.add_argument("--img-size", type=int, default=512)
     parser.add_argument("--dims", type=int, default=96)
     parser.add_argument("--skip-backward", action="store_true")
+    parser.add_argument(
+        "--default-malloc", action="store_true", help="keep glibc's defaults instead of the CLI's retain_freed_memory()"
+    )
     args = parser.parse_args()
+    # As `cipa-bundle` and the training workflow do (cipa_bundle.runtime).
+    retained = False if args.default_malloc else retain_freed_memory()
 
     torch.manual_seed(0)
     model = CIPA(img_size=args.img_size, dims=args.dims)
@@ -75,6 +81,7 @@ def main() -> None:
 
     print(f"CIPA img_size={args.img_size} dims={args.dims}: {params:,} parameters, ~{gmacs:.1f} G multiply-adds without scans")
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"freed memory retained (cipa_bundle.runtime.retain_freed_memory): {retained}")
     print()
     print("| run | seconds | dense matmuls of the same multiply-adds, s | ratio | peak RSS GB |")
     print("|---|---|---|---|---|")

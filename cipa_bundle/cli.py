@@ -228,7 +228,9 @@ def main(argv: list[str] | None = None) -> None:
     import fire
 
     from cipa_bundle.errors import CipaInputError
+    from cipa_bundle.runtime import retain_freed_memory
 
+    retain_freed_memory()  # CPU inference and training re-allocate large tensors; see cipa_bundle.runtime
     try:
         fire.Fire(Commands, command=argv, name="cipa-bundle")
     except CipaInputError as err:

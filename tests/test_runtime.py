@@ -1,0 +1,67 @@
+"""cipa_bundle.runtime: glibc keeps freed memory mapped, so re-allocated tensors stop page-faulting.
+
+Each measurement runs in a fresh interpreter: the setting is process-wide, and the test process must keep its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cipa_bundle.runtime import OPT_OUT_ENV_VAR
+
+_PROBE = """
+import json, resource, sys
+import torch
+from cipa_bundle.runtime import retain_freed_memory
+applied = retain_freed_memory() if sys.argv[1] == "1" else None
+# A chain of elementwise ops on 48 MiB tensors (above glibc's largest default mmap threshold, 32 MiB), as in a forward
+# pass: each op allocates its output and the previous intermediate is freed.
+x = torch.ones(48 * 2**20 // 4)
+faults = []
+for _ in range(10):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    a = x * 2.0
+    b = a + 1.0
+    del a
+    c = b.sigmoid()
+    del b
+    del c
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"applied": applied, "faults": faults}))
+"""
+
+needs_glibc = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None, reason="glibc only"
+)
+
+
+def _probe(retain: bool, **env: str) -> dict:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    result = subprocess.run(
+        [sys.executable, "-c", _PROBE, "1" if retain else "0"],
+        env={**clean, **env}, capture_output=True, text=True, check=True, timeout=120,
+    )
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+@needs_glibc
+def test_retained_memory_is_reused_without_page_faults() -> None:
+    default = _probe(retain=False)
+    retained = _probe(retain=True)
+    assert retained["applied"] is True
+    pages = 48 * 2**20 // 4096
+    # glibc's default maps fresh memory for each of the three outputs of every pass: all their pages fault again.
+    assert min(default["faults"][-3:]) > 2 * pages
+    # Retained: after a few passes the outputs come from memory the process already has.
+    assert max(retained["faults"][-3:]) < pages // 10
+
+
+@needs_glibc
+def test_opt_out_and_the_users_own_glibc_settings_are_respected() -> None:
+    assert _probe(retain=True, **{OPT_OUT_ENV_VAR: "0"})["applied"] is False
+    assert _probe(retain=True, MALLOC_TRIM_THRESHOLD_="1000000")["applied"] is False
