@@ -224,13 +224,15 @@ class Commands:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point."""
+    """Console-script entry point; ``argv`` (instead of ``sys.argv``) is for callers inside another process, whose
+    allocator settings are then left alone."""
     import fire
 
     from cipa_bundle.errors import CipaInputError
     from cipa_bundle.runtime import retain_freed_memory
 
-    retain_freed_memory()  # CPU inference and training re-allocate large tensors; see cipa_bundle.runtime
+    if argv is None:  # a whole process of its own (console script, python -m): see cipa_bundle.runtime
+        retain_freed_memory()
     try:
         fire.Fire(Commands, command=argv, name="cipa-bundle")
     except CipaInputError as err:

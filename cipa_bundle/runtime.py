@@ -11,7 +11,6 @@ dev VM a fault costs about 1 us: a 50 MB tensor took 17-20 ms to allocate and fi
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import sys
 
@@ -23,8 +22,7 @@ OPT_OUT_ENV_VAR = "CIPA_RETAIN_FREED_MEMORY"
 # mallopt parameters from glibc's <malloc.h>.
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-# The user's own glibc settings win over ours.
-_GLIBC_ENV_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+_C_INT_MAX = 2**31 - 1
 
 
 def retain_freed_memory(mmap_threshold: int = 1 << 30, trim_threshold: int = (1 << 31) - 1) -> bool:
@@ -32,20 +30,25 @@ def retain_freed_memory(mmap_threshold: int = 1 << 30, trim_threshold: int = (1 
     ``trim_threshold`` bytes of freed memory mapped, so that re-allocated tensors do not page-fault again.
 
     The cost is memory that stays with the process after it is freed (peak RSS of a 512 x 512 forward: 1.30 GB ->
-    1.42 GB). Both values are ``int`` for ``mallopt``.
+    1.42 GB); processes forked afterwards (DataLoader workers) inherit the setting.
 
     Returns:
-        ``True`` if glibc accepted both settings; ``False`` (and nothing changed) where this is not Linux with glibc,
-        where ``CIPA_RETAIN_FREED_MEMORY=0``, or where the user set glibc's own ``MALLOC_*`` / ``GLIBC_TUNABLES``
-        variables.
+        ``True`` if glibc accepted both settings. ``False`` where this is not Linux with glibc, where
+        ``CIPA_RETAIN_FREED_MEMORY=0``, or where the user configured glibc's allocator (``MALLOC_MMAP_THRESHOLD_``,
+        ``MALLOC_TRIM_THRESHOLD_``, or ``glibc.malloc.*`` in ``GLIBC_TUNABLES``): nothing is changed then.
+
+    Raises:
+        ValueError: a threshold outside ``[0, 2**31 - 1]`` (``mallopt`` takes a C ``int``).
     """
-    if os.environ.get(OPT_OUT_ENV_VAR, "1").strip() == "0" or any(v in os.environ for v in _GLIBC_ENV_VARS):
+    for name, value in (("mmap_threshold", mmap_threshold), ("trim_threshold", trim_threshold)):
+        if not 0 <= value <= _C_INT_MAX:
+            raise ValueError(f"retain_freed_memory: {name}={value} is outside [0, {_C_INT_MAX}] (a C int for mallopt)")
+    if os.environ.get(OPT_OUT_ENV_VAR, "1").strip() == "0" or _user_configured_malloc():
         return False
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(None).mallopt  # the C library the interpreter runs on
     except (OSError, AttributeError):  # musl and other C libraries have no mallopt
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
@@ -53,3 +56,10 @@ def retain_freed_memory(mmap_threshold: int = 1 << 30, trim_threshold: int = (1 
     # The mmap threshold first: if glibc refuses it (older versions cap it at 32 MB), the trim threshold is left alone,
     # because setting it would also switch off glibc's dynamic mmap threshold and leave the 128 KiB default.
     return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+
+
+def _user_configured_malloc() -> bool:
+    """Whether the environment already sets glibc's mmap or trim threshold (the user's choice wins)."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
+        return True
+    return "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")

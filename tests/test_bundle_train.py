@@ -138,7 +138,9 @@ def test_check_properties_is_clean(files, tmp_path, synthetic_dataset):
 def test_train_defines_the_run_ids_monai_and_users_call():
     config = json.loads((REPO_ROOT / "configs" / "train.json").read_text())
     assert "training" in config and config["run"] == "%training"
-    assert not any("cipa_bundle" in line for line in config["initialize"])  # the bundle root joins sys.path only in run()
+    # The bundle root joins sys.path only in run(): nothing evaluated before that may import cipa_bundle.
+    assert not any("cipa_bundle" in line for line in config["imports"] + config["initialize"])
+    assert any("retain_freed_memory" in line for line in config["training"])
 
 
 def test_prepare_datalist_refuses_to_write_into_user_data(tmp_path):

@@ -41,7 +41,9 @@ needs_glibc = pytest.mark.skipif(
 
 
 def _probe(retain: bool, **env: str) -> dict:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    # Nothing in the child's environment may pre-empt or alter the allocator behaviour under test.
+    ignored = {"GLIBC_TUNABLES", "THP_MEM_ALLOC_ENABLE", OPT_OUT_ENV_VAR}
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k not in ignored}
     result = subprocess.run(
         [sys.executable, "-c", _PROBE, "1" if retain else "0"],
         env={**clean, **env}, capture_output=True, text=True, check=True, timeout=120,
@@ -55,13 +57,23 @@ def test_retained_memory_is_reused_without_page_faults() -> None:
     retained = _probe(retain=True)
     assert retained["applied"] is True
     pages = 48 * 2**20 // 4096
-    # glibc's default maps fresh memory for each of the three outputs of every pass: all their pages fault again.
-    assert min(default["faults"][-3:]) > 2 * pages
+    # glibc's default maps fresh memory for each of the three outputs of every pass, so their pages fault again
+    # (all of them with 4 KiB pages; far fewer where transparent huge pages back the allocations).
+    assert min(default["faults"][-3:]) > 0
     # Retained: after a few passes the outputs come from memory the process already has.
-    assert max(retained["faults"][-3:]) < pages // 10
+    assert max(retained["faults"][-3:]) < min(pages // 10, min(default["faults"][-3:]) // 10)
 
 
 @needs_glibc
 def test_opt_out_and_the_users_own_glibc_settings_are_respected() -> None:
     assert _probe(retain=True, **{OPT_OUT_ENV_VAR: "0"})["applied"] is False
     assert _probe(retain=True, MALLOC_TRIM_THRESHOLD_="1000000")["applied"] is False
+    assert _probe(retain=True, GLIBC_TUNABLES="glibc.malloc.mmap_threshold=65536")["applied"] is False
+    assert _probe(retain=True, GLIBC_TUNABLES="glibc.pthread.rseq=0")["applied"] is True
+
+
+def test_thresholds_must_fit_a_c_int() -> None:
+    from cipa_bundle.runtime import retain_freed_memory
+
+    with pytest.raises(ValueError, match=r"trim_threshold=4294967296 is outside \[0, 2147483647\]"):
+        retain_freed_memory(trim_threshold=2**32)

@@ -378,13 +378,13 @@ _HALVES_HIGH = (4, 5, 6, 7, 12, 13, 14, 15)
 def _transpose_8x8(typingctx, src, src_row, src_col, dst, dst_row, dst_col):
     """``dst[dst_row + j, dst_col + i] = src[src_row + i, src_col + j]`` for ``i, j < 8``, with vector shuffles.
 
-    ``src`` and ``dst`` are 2-D float arrays of one dtype whose rows are contiguous; the caller keeps the block in
-    bounds (no checks). LLVM's loop vectoriser cannot do this itself: a transposing copy loop becomes scalar loads
+    ``src`` and ``dst`` are C-contiguous 2-D float arrays of one dtype (other layouts do not compile); the caller
+    keeps the block in bounds (no checks). LLVM's loop vectoriser cannot do this itself: a transposing copy loop becomes scalar loads
     and stores, one per element.
     """
     if not (
         isinstance(src, types.Array) and isinstance(dst, types.Array) and src.ndim == 2 and dst.ndim == 2
-        and src.dtype == dst.dtype and isinstance(src.dtype, types.Float)
+        and src.layout == "C" and dst.layout == "C" and src.dtype == dst.dtype and isinstance(src.dtype, types.Float)
         and all(isinstance(i, types.Integer) for i in (src_row, src_col, dst_row, dst_col))
     ):
         return None
