@@ -4,7 +4,7 @@ On the CPU a CIPA forward pass allocates and frees the same large activations ag
 512 x 512). glibc hands allocations above its mmap threshold (at most 32 MB by default) straight back to the kernel
 when they are freed, so every pass page-faults them in again and the kernel zeroes each 4 KiB page. On the 2-core
 dev VM a fault costs about 1 us: a 50 MB tensor took 17-20 ms to allocate and fill instead of 3-5 ms, and the
-512 x 512 forward went from 6.8-7.0 s to 4.9-5.2 s once the freed memory stayed mapped (docs/performance.md,
+512 x 512 forward went from 6.3-7.0 s to 4.6-5.1 s once the freed memory stayed mapped (docs/performance.md,
 "Network"). On bare metal faults are cheaper and the gain smaller.
 """
 
@@ -29,8 +29,8 @@ def retain_freed_memory(mmap_threshold: int = 1 << 30, trim_threshold: int = (1 
     """Ask glibc to serve allocations below ``mmap_threshold`` bytes from its heap and to keep up to
     ``trim_threshold`` bytes of freed memory mapped, so that re-allocated tensors do not page-fault again.
 
-    The cost is memory that stays with the process after it is freed (peak RSS of a 512 x 512 forward: 1.30 GB ->
-    1.42 GB); processes forked afterwards (DataLoader workers) inherit the setting.
+    The cost is memory that stays with the process after it is freed (peak RSS of a 512 x 512 forward: 1.3 GB ->
+    1.5 GB); processes forked afterwards (DataLoader workers) inherit the setting.
 
     Returns:
         ``True`` if glibc accepted both settings. ``False`` where this is not Linux with glibc, where
