@@ -77,3 +77,18 @@ def test_thresholds_must_fit_a_c_int() -> None:
 
     with pytest.raises(ValueError, match=r"trim_threshold=4294967296 is outside \[0, 2147483647\]"):
         retain_freed_memory(trim_threshold=2**32)
+
+
+def test_the_console_script_applies_it_and_in_process_callers_do_not(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import cipa_bundle.runtime
+    from cipa_bundle.cli import main
+
+    calls = []
+    monkeypatch.setattr(cipa_bundle.runtime, "retain_freed_memory", lambda: calls.append(1) or True)
+    command = ["summary", "--img_size", "128", "--dims", "32"]
+    main(command)  # a caller inside its own process
+    assert calls == []
+    monkeypatch.setattr(sys, "argv", ["cipa-bundle", *command])
+    main()  # the console script and python -m cipa_bundle
+    assert calls == [1]
+    assert "total" in capsys.readouterr().out
