@@ -170,6 +170,10 @@ def test_e8_cnts_without_usable_philips_factors(tmp_path: Path) -> None:
     header = pet_header(units="CNTS")
     header.private_block(0x7053, "Philips PET Private Group", create=True).add_new(0x00, "DS", "-1.0")
     expect(write_pet(tmp_path / "negative", header), suv.PhilipsScaleFactorError, "(7053,1000)", "'-1.0'")
+    # Positive but absurdly small: every float32 SUV would be 0 (found by the header fuzz test).
+    header = pet_header(units="CNTS")
+    header.private_block(0x7053, "Philips PET Private Group", create=True).add_new(0x00, "DS", "1e-300")
+    expect(write_pet(tmp_path / "tiny", header), suv.PhilipsScaleFactorError, "(7053,1000)", "'1e-300'", "1e-09")
     # The factor at the right element but under another private creator must not be used.
     header = pet_header(units="CNTS")
     header.private_block(0x7053, "SOMEONE ELSE", create=True).add_new(0x00, "DS", "0.000628")

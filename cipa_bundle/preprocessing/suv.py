@@ -123,7 +123,9 @@ _MIN_WEIGHT_KG, _MAX_WEIGHT_KG = 1.0, 1000.0
 _MIN_HEIGHT_M, _MAX_HEIGHT_M = 0.3, 2.75
 _MAX_HALF_LIVES = 30.0
 _WARN_DECAY_MIN_S, _WARN_DECAY_MAX_S = 600.0, 5 * 3600.0
-_MAX_PRIVATE_FACTOR = 1e6
+# Real Philips factors are 3e-4 to 7e-3 (SUV) and 1 to 5 (Bq/ml per count); far outside that a factor is corrupt, and
+# one like 1e-300 would turn every float32 SUV into 0.
+_MIN_PRIVATE_FACTOR, _MAX_PRIVATE_FACTOR = 1e-9, 1e6
 
 
 # ---------------------------------------------------------------------------------------------------- errors
@@ -847,10 +849,10 @@ def _private_factors(s: _Series, offset: int, name: str) -> list[float] | None:
         value = _number(raw)
         if value is None or value == 0.0:
             return None
-        if not math.isfinite(value) or not (0.0 < value < _MAX_PRIVATE_FACTOR):
+        if not math.isfinite(value) or not (_MIN_PRIVATE_FACTOR <= value < _MAX_PRIVATE_FACTOR):
             raise PhilipsScaleFactorError(
-                f"Philips {name} (7053,10{offset:02X}) [{PHILIPS_CREATOR}] = {_text(raw)!r}; expected a positive "
-                f"factor below {_MAX_PRIVATE_FACTOR:g}",
+                f"Philips {name} (7053,10{offset:02X}) [{PHILIPS_CREATOR}] = {_text(raw)!r}; expected a factor "
+                f"from {_MIN_PRIVATE_FACTOR:g} to below {_MAX_PRIVATE_FACTOR:g}",
                 file=s.file(n),
             )
         values.append(value)
