@@ -80,7 +80,10 @@ def main() -> None:
         model(x2).float().square().mean().backward()
         rows.append(("(c) forward + backward, batch 2", time.perf_counter() - start, None, _peak_rss_gb()))
 
-    print(f"CIPA img_size={args.img_size} dims={args.dims}: {params:,} parameters, ~{gmacs:.1f} G multiply-adds without scans")
+    print(
+        f"CIPA img_size={args.img_size} dims={args.dims}: {params:,} parameters, "
+        f"~{gmacs:.1f} G multiply-adds without scans"
+    )
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(f"freed memory retained (cipa_bundle.runtime.retain_freed_memory): {retained}")
     print()

@@ -337,7 +337,8 @@ def _step_sizes(delta_row, bias, use_softplus, nt, row_dt):  # pragma: no cover 
 
 @njit(inline="always", fastmath=FASTMATH, error_model="numpy")
 def _step_sizes_and_slopes(delta_row, bias, nt, row_dt, row_slope):  # pragma: no cover - compiled
-    """:func:`_step_sizes` with the softplus, also writing its slope: ``row_slope[:nt] = softplus'(delta_row + bias)``."""
+    """:func:`_step_sizes` with the softplus, also writing its slope:
+    ``row_slope[:nt] = softplus'(delta_row[:nt] + bias)``."""
     for s in range(nt):
         row_dt[s], row_slope[s] = softplus_with_slope(delta_row[s] + bias)
 
@@ -379,8 +380,8 @@ def _transpose_8x8(typingctx, src, src_row, src_col, dst, dst_row, dst_col):
     """``dst[dst_row + j, dst_col + i] = src[src_row + i, src_col + j]`` for ``i, j < 8``, with vector shuffles.
 
     ``src`` and ``dst`` are C-contiguous 2-D float arrays of one dtype (other layouts do not compile); the caller
-    keeps the block in bounds (no checks). LLVM's loop vectoriser cannot do this itself: a transposing copy loop becomes scalar loads
-    and stores, one per element.
+    keeps the block in bounds (no checks). LLVM's loop vectoriser cannot do this itself: a transposing copy loop
+    becomes scalar loads and stores, one per element.
     """
     if not (
         isinstance(src, types.Array) and isinstance(dst, types.Array) and src.ndim == 2 and dst.ndim == 2
@@ -699,7 +700,7 @@ def scan_backward(
     gab_rows = np.empty((block, chunk), dtype)
     gd = np.empty(block, dtype)
     gbias = np.empty(block, dtype)
-    row_dt = np.empty(chunk, dtype)
+    gdelta_scratch = np.empty(chunk, dtype)  # one channel's delta gradient over the chunk
     for item in range(item_start, item_stop):
         bi, g, p, c0, nc = _item_channels(item, groups, nblocks, per_group, block)
         for c in range(nc):
@@ -791,16 +792,16 @@ def scan_backward(
                 gab_row = gab_rows[c]
                 for s in range(nt):
                     gu_row[s] = dt_row[s] * gbb_row[s] + d_skip * gy_row[s]
-                    row_dt[s] = gab_row[s] + u_row[s] * gbb_row[s]
+                    gdelta_scratch[s] = gab_row[s] + u_row[s] * gbb_row[s]
                 if use_softplus:
                     slope_row = slopes[c]
                     for s in range(nt):
-                        row_dt[s] *= slope_row[s]
+                        gdelta_scratch[s] *= slope_row[s]
                 gdelta_row = gdelta[bi, c0 + c, t0:t0 + nt]
                 bias_grad = zero
                 for s in range(nt):
-                    gdelta_row[s] = row_dt[s]
-                    bias_grad += row_dt[s]
+                    gdelta_row[s] = gdelta_scratch[s]
+                    bias_grad += gdelta_scratch[s]
                 gbias[c] += bias_grad
         for c in range(nc):
             gD_part[bi, c0 + c] = gd[c]
