@@ -216,10 +216,12 @@ def test_non_contiguous_inputs(backend: str) -> None:
 
 @needs_numba
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_both_numba_forwards_write_the_same_outputs_and_checkpoints(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("length", [70, 300])  # 300: a second, partial row span of the state-lanes kernel
+def test_both_numba_forwards_write_the_same_outputs_and_checkpoints(dtype: torch.dtype, length: int) -> None:
     from cipa_bundle.networks.scan import numba_kernels as kernels
 
-    batch, channels, length, nstate, groups = 2, 16, 70, 16, 4
+    assert kernels.ROW_SPAN < 300
+    batch, channels, nstate, groups = 2, 16, 16, 4
     inputs = {k: v.to(dtype) for k, v in make_inputs(batch, channels, length, nstate, groups, seed=9).items()}
     assert kernels.state_lanes_apply(nstate, channels, groups)
     arrays = [inputs[k].numpy() for k in ("u", "delta", "delta_bias")] + [True, inputs["A"].numpy()]
@@ -292,6 +294,37 @@ def test_fast_exp_and_softplus_accuracy() -> None:
     assert (out_slope[x > 20] == 1.0).all() and out_slope[-2] == 1.0 and out_slope[-1] == 0.0
     assert np.isnan(out_slope[-3])
     assert out_slope[0] > 0 and (out_slope[x == 0.0] == 0.5).all()
+
+
+@needs_numba
+def test_fast_exp2_accuracy() -> None:
+    from numba import njit
+
+    from cipa_bundle.networks.scan.numba_kernels import fast_exp2
+
+    @njit
+    def apply(x, out):
+        for i in range(x.shape[0]):
+            out[i] = fast_exp2(x[i])
+
+    special = [0.0, 1.0, -1.0, -124.75, -124.8, -126.0, -200.0, 127.9, 128.0, 128.5, 200.0, np.nan, np.inf, -np.inf]
+    x = np.concatenate([np.linspace(-124.75, 127.99, 400_001), special]).astype(np.float32)
+    out = np.empty_like(x)
+    apply(x, out)
+    exact = np.exp2(x.astype(np.float64))
+    normal = (x >= -124.75) & (x < 128.0)
+    # Within 1 float32 ulp (2^-23 relative at most) wherever the result is a normal float.
+    assert np.max(np.abs(out[normal] - exact[normal]) / exact[normal]) < 2.0**-23
+    assert out[-14] == 1.0 and out[-13] == 2.0 and out[-12] == 0.5  # exact at integers
+    assert out[-10] == 0.0 and out[-9] == 0.0 and out[-8] == 0.0  # below -124.75: 0
+    assert np.isfinite(out[-7]) and (out[-6:-3] == np.inf).all()  # 2^128 and above overflow
+    assert np.isnan(out[-3]) and out[-2] == np.inf and out[-1] == 0.0
+
+    # In float64 it is math.exp2.
+    x64 = np.linspace(-50.0, 50.0, 1001)
+    out64 = np.empty_like(x64)
+    apply(x64, out64)
+    np.testing.assert_allclose(out64, np.exp2(x64), rtol=1e-15, atol=0)
 
 
 @needs_numba

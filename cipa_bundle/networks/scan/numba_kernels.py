@@ -19,24 +19,25 @@ and compared with ``parallel=True``/``prange`` it compiles about 2.5x faster, ne
 (so no second OpenMP runtime next to torch's, no fork-safety or re-entrancy caveats), and follows
 ``torch.get_num_threads()`` directly.
 
-Time is cut into chunks of ``chunk`` steps. The loops over states read ``(time, channel)`` tiles of a chunk so that
-the channel loop runs over contiguous memory; the work per step (softplus, products with ``u``, the gradients of
-``u`` and ``delta``) runs on ``(channel, time)`` rows, contiguous in time. Whole 8 x 8 blocks move between the two
-layouts with vector shuffles (:func:`_transpose_8x8`): LLVM turns a transposing copy loop into one scalar load and
-store per element.
+Time is cut into chunks of ``chunk`` steps. The channel-lanes kernels copy each chunk of their ``block`` channel rows
+into ``(time, channel)`` tiles, so that the channel loop runs over contiguous memory, and copy the results back into
+``(channel, time)`` rows; whole 8 x 8 blocks move with vector shuffles (:func:`_transpose_8x8`), because LLVM turns a
+transposing copy loop into one scalar load and store per element. The work per ``(time, channel)`` element
+(softplus, products with ``u``, the gradients of ``u`` and ``delta``) runs over the tiles as flat arrays: one loop of
+``chunk * block`` elements instead of one short loop per channel row, whose fixed cost (a view, the vector loop's
+set-up) was a large part of that work (forward and backward 1.1-1.4x faster with the flat loops).
 
-Two rules for memory access keep those copies cheap:
+Three rules for memory access keep the copies cheap:
 
-- Rows are indexed through views such as ``u[bi, c, t0:t0 + nt]`` with a loop index starting at 0. numba wraps
-  negative indices, and for an index like ``t0 + s`` LLVM cannot prove that it is non-negative, so every access
-  carried a sign test and an add and the loops over time did not vectorise. With the views, the backward is about
-  1.1x faster on its own (same results; only the delta_bias gradient's sum over a partial last chunk rounds
-  differently, as the compiler now vectorises it).
+- Rows are indexed through views such as ``u[bi, c, t0:t0 + nt]``, or through the transposes, with loop indices
+  that start at 0. numba wraps negative indices, and for an index like ``t0 + s`` LLVM cannot prove that it is
+  non-negative, so every access carried a sign test and an add and the loops over time did not vectorise.
 - The channel-lanes kernels touch ``block`` rows far apart in memory per chunk (one short segment each): too many
   streams for the hardware prefetcher, so each segment was a cache miss. They prefetch the next chunk's segments
   (:func:`_prefetch_tile`, ``llvm.prefetch``) while the current one is computed, and at a work item's last chunk
-  the next item's first: about 1.2x more in the backward. The state-lanes forward prefetches its two rows the
-  same way (1.15-1.25x).
+  the next item's first: about 1.2x more in the backward.
+- The state-lanes forward reads and writes two contiguous rows per array, which the hardware prefetcher follows; its
+  per-step work runs over spans of :data:`ROW_SPAN` steps.
 
 Memory of the backward
 ----------------------
@@ -48,8 +49,9 @@ bounded by the checkpoints plus one small buffer per thread.
 Precision
 ---------
 ``FASTMATH`` allows contraction to FMA and reassociation of sums (the channel reductions for ``dB``/``dC`` need it
-to vectorise); it keeps NaN/inf semantics. ``exp`` in float32 is :func:`_exp_f32`, a branch-free, vectorisable
-version with a maximum error of about 1 ulp on the range the scan uses; float64 uses ``math.exp``.
+to vectorise); it keeps NaN/inf semantics. The decays ``exp(dt A)`` are computed as ``2^(dt A log2 e)`` (as
+mamba-ssm's CUDA kernel does) with :func:`fast_exp2`, the softplus with :func:`fast_exp`: in float32 both are
+branch-free, vectorisable versions with a maximum error of about 1 ulp; float64 uses ``math.exp2`` and ``math.exp``.
 """
 
 from __future__ import annotations
@@ -73,6 +75,8 @@ __all__ = [
     "choose_cache_dir",
     "count_items",
     "fast_exp",
+    "fast_exp2",
+    "LOG2E",
     "softplus",
     "softplus_with_slope",
     "scan_forward",
@@ -80,6 +84,7 @@ __all__ = [
     "state_lanes_apply",
     "STATE_LANES",
     "STATE_LANES_PAIR",
+    "ROW_SPAN",
     "scan_backward",
 ]
 
@@ -217,6 +222,63 @@ def _fast_exp_overload(x):
     return None
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# exp2 for the decays of the recurrences.
+#
+# The recurrences compute exp(dt * A) as 2^(dt * A log2 e), with A log2 e formed once per channel: that is what
+# mamba-ssm's CUDA kernel computes (exp2f of delta times A pre-multiplied by log2 e). The reduction is then exact
+# (x = k + r needs no two-constant ln 2), which saves three constants and three operations per vector in the innermost
+# loops, whose 16 AVX2 registers cannot hold all the constants (1.05-1.1x on the forward). The polynomial approximates
+# 2 * 2^r on [-1/2, 1/2], fitted as above (fitting error 1.9e-9; with float32 rounding under 1 ulp).
+# --------------------------------------------------------------------------------------------------------------------
+LOG2E = 1.4426950408889634  #: log2(e): the kernels scale A by it once per channel
+# Below -124.75 the result is 0 (2^-124.75 = 2.8e-38, as exp's cut-off at -86.5); above 128 it overflows to inf. The
+# clamps keep k + 126 inside the normal exponent range [1, 254].
+_EXP2_LO = np.float32(-124.75)
+_EXP2_HI = np.float32(128.5)
+_Q0 = np.float32(2.0)
+_Q1 = np.float32(1.3862943649291992)
+_Q2 = np.float32(0.48045292496681213)
+_Q3 = np.float32(0.11100657284259796)
+_Q4 = np.float32(0.019236978143453598)
+_Q5 = np.float32(0.0026799861807376146)
+_Q6 = np.float32(0.00030691607389599085)
+
+
+def _exp2_f32(x):
+    # As _exp_f32, in base 2: a NaN goes through unchanged.
+    xc = _EXP2_LO if x < _EXP2_LO else x
+    xc = _EXP2_HI if xc > _EXP2_HI else xc
+    shifted = xc + _MAGIC
+    r = xc - (shifted - _MAGIC)
+    p = _Q6 * r + _Q5
+    p = p * r + _Q4
+    p = p * r + _Q3
+    p = p * r + _Q2
+    p = p * r + _Q1
+    p = p * r + _Q0
+    result = p * _exponent_bits_to_float(shifted)
+    return np.float32(0.0) if x < _EXP2_LO else result
+
+
+def _exp2_f64(x):
+    return math.exp2(x)
+
+
+def fast_exp2(x: float) -> float:
+    """``2 ** x``; inside numba code it compiles to a vectorisable float32 version or to ``math.exp2`` (float64)."""
+    return math.exp2(x)
+
+
+@overload(fast_exp2, jit_options=_HELPER_OPTIONS)
+def _fast_exp2_overload(x):
+    if x == types.float32:
+        return _exp2_f32
+    if x == types.float64:
+        return _exp2_f64
+    return None
+
+
 # softplus exactly as torch.nn.functional.softplus (beta 1, threshold 20): z above 20 is returned as is.
 _SOFTPLUS_THRESHOLD = 20.0
 _SQRT2_M1 = np.float32(0.41421356)
@@ -322,25 +384,21 @@ def _item_channels(item, groups, nblocks, per_group, block):  # pragma: no cover
 
 
 @njit(inline="always", fastmath=FASTMATH, error_model="numpy")
-def _step_sizes(delta_row, bias, use_softplus, nt, row_dt):  # pragma: no cover - compiled
-    """``row_dt[:nt] = softplus(delta_row[:nt] + bias)`` (without the softplus if not asked).
-
-    The row is contiguous in time, so the softplus vectorises over time.
-    """
+def _step_sizes(z, bias, use_softplus, count, dt):  # pragma: no cover - compiled
+    """``dt[:count] = softplus(z[:count] + bias[:count])`` (without the softplus if not asked), on 1-D arrays."""
     if use_softplus:
-        for s in range(nt):
-            row_dt[s] = softplus(delta_row[s] + bias)
+        for i in range(count):
+            dt[i] = softplus(z[i] + bias[i])
     else:
-        for s in range(nt):
-            row_dt[s] = delta_row[s] + bias
+        for i in range(count):
+            dt[i] = z[i] + bias[i]
 
 
 @njit(inline="always", fastmath=FASTMATH, error_model="numpy")
-def _step_sizes_and_slopes(delta_row, bias, nt, row_dt, row_slope):  # pragma: no cover - compiled
-    """:func:`_step_sizes` with the softplus, also writing its slope:
-    ``row_slope[:nt] = softplus'(delta_row[:nt] + bias)``."""
-    for s in range(nt):
-        row_dt[s], row_slope[s] = softplus_with_slope(delta_row[s] + bias)
+def _step_sizes_and_slopes(z, bias, count, dt, slope):  # pragma: no cover - compiled
+    """:func:`_step_sizes` with the softplus, also writing its slope: ``slope[:count] = softplus'(z + bias)``."""
+    for i in range(count):
+        dt[i], slope[i] = softplus_with_slope(z[i] + bias[i])
 
 
 @intrinsic
@@ -448,6 +506,25 @@ def _transpose(src, src_row, src_col, rows, cols, dst, dst_row, dst_col):  # pra
 
 
 @njit(inline="always")
+def _fill_columns(tile, values, c0, nc):  # pragma: no cover - compiled
+    """``tile[s, c] = values[c0 + c]`` in every row ``s`` for ``c < nc``; the columns from ``nc`` on are set to 0."""
+    zero = tile.dtype.type(0)
+    for s in range(tile.shape[0]):
+        for c in range(nc):
+            tile[s, c] = values[c0 + c]
+        for c in range(nc, tile.shape[1]):
+            tile[s, c] = zero
+
+
+@njit(inline="always")
+def _add_column_sums(tile, out, nc):  # pragma: no cover - compiled
+    """``out[c] += sum_s tile[s, c]`` for ``c < nc``."""
+    for s in range(tile.shape[0]):
+        for c in range(nc):
+            out[c] += tile[s, c]
+
+
+@njit(inline="always")
 def _prefetch_tile(array, first, count, lo, hi, for_write):  # pragma: no cover - compiled
     """Prefetch ``array[first:first + count, lo:hi]`` of a 2-D array whose rows are contiguous (every 64-byte line)."""
     per_line = max(1, 64 // array.itemsize)
@@ -516,20 +593,27 @@ def scan_forward(
     nstate, groups, per_group, nblocks, length, nchunks = _tiling(u, A, B, chunk, block)
     dtype = u.dtype
     zero = dtype.type(0)
-    a = np.empty((nstate, block), dtype)
+    a = np.empty((nstate, block), dtype)  # A log2(e)
     h = np.empty((nstate, block), dtype)
-    # (time, channel) tiles for the recurrence, and (channel, time) rows for the work per step.
-    dtb = np.empty((chunk, block), dtype)  # dt
+    # (time, channel) tiles; the work per (time, channel) runs over them as flat arrays.
+    # Zeroed once, so that the unused columns of a partial block never hold garbage (such as slow denormals).
+    zb = np.zeros((chunk, block), dtype)  # delta
+    ub = np.zeros((chunk, block), dtype)
+    dtb = np.empty((chunk, block), dtype)
     dub = np.empty((chunk, block), dtype)  # dt * u
     yb = np.empty((chunk, block), dtype)
-    dt_rows = np.empty((block, chunk), dtype)
-    du_rows = np.empty((block, chunk), dtype)
-    y_rows = np.empty((block, chunk), dtype)
+    bias_tile = np.empty((chunk, block), dtype)
+    skip_tile = np.empty((chunk, block), dtype)
+    z_flat, u_flat, dt_flat, du_flat, y_flat = zb.ravel(), ub.ravel(), dtb.ravel(), dub.ravel(), yb.ravel()
+    bias_flat, skip_flat = bias_tile.ravel(), skip_tile.ravel()
+    log2e = dtype.type(LOG2E)
     for item in range(item_start, item_stop):
         bi, g, _, c0, nc = _item_channels(item, groups, nblocks, per_group, block)
+        _fill_columns(bias_tile, delta_bias, c0, nc)
+        _fill_columns(skip_tile, D, c0, nc)
         for n in range(nstate):
             for c in range(nc):
-                a[n, c] = A[c0 + c, n]
+                a[n, c] = A[c0 + c, n] * log2e
                 h[n, c] = zero
         for k in range(nchunks):
             t0 = k * chunk
@@ -542,19 +626,13 @@ def scan_forward(
                 for n in range(nstate):
                     for c in range(nc):
                         saved[n, c0 + c] = h[n, c]
-            for c in range(nc):
-                dt_row = dt_rows[c]
-                _step_sizes(delta[bi, c0 + c, t0:t0 + nt], delta_bias[c0 + c], use_softplus, nt, dt_row)
-                u_row = u[bi, c0 + c, t0:t0 + nt]
-                du_row = du_rows[c]
-                y_row = y_rows[c]
-                d_skip = D[c0 + c]
-                for s in range(nt):
-                    du_row[s] = dt_row[s] * u_row[s]
-                    y_row[s] = d_skip * u_row[s]
-            _transpose(dt_rows, 0, 0, nc, nt, dtb, 0, 0)
-            _transpose(du_rows, 0, 0, nc, nt, dub, 0, 0)
-            _transpose(y_rows, 0, 0, nc, nt, yb, 0, 0)
+            _transpose(delta[bi], c0, t0, nc, nt, zb, 0, 0)
+            _transpose(u[bi], c0, t0, nc, nt, ub, 0, 0)
+            size = nt * block
+            _step_sizes(z_flat, bias_flat, use_softplus, size, dt_flat)
+            for i in range(size):
+                du_flat[i] = dt_flat[i] * u_flat[i]
+                y_flat[i] = skip_flat[i] * u_flat[i]
             B_chunk = B[bi, g, :, t0:t0 + nt]
             C_chunk = C[bi, g, :, t0:t0 + nt]
             for s in range(nt):
@@ -562,7 +640,7 @@ def scan_forward(
                     b_tn = B_chunk[n, s]
                     c_tn = C_chunk[n, s]
                     for c in range(nc):
-                        hv = fast_exp(dtb[s, c] * a[n, c]) * h[n, c] + dub[s, c] * b_tn
+                        hv = fast_exp2(dtb[s, c] * a[n, c]) * h[n, c] + dub[s, c] * b_tn
                         h[n, c] = hv
                         yb[s, c] += hv * c_tn
             _transpose(yb, 0, 0, nt, nc, y[bi], c0, t0)
@@ -578,10 +656,13 @@ def scan_forward(
 # so the kernel is specialised on N = 16 by inlining (it is 1.2-1.5x faster than `scan_forward` at the encoder's
 # shapes, and slower at N = 4, half a register, where `scan_forward` stays in use). Two channels are advanced in
 # each time step so that the two independent recurrences hide each other's latency. It writes the same
-# checkpoints as `scan_forward`, so `scan_backward` serves both.
+# checkpoints as `scan_forward`, so `scan_backward` serves both. The work per step (softplus, dt * u, the output rows)
+# runs over spans of ROW_SPAN steps rather than per chunk: each row loop has a fixed cost (views, vector set-up), and
+# per 32-step chunk that cost was about a tenth of the kernel. Six contiguous row streams need no software prefetch.
 # --------------------------------------------------------------------------------------------------------------------
 STATE_LANES = 16  #: the d_state that :func:`scan_forward_state_lanes` is specialised for
 STATE_LANES_PAIR = 2  #: channels advanced together: a work item of :func:`scan_forward_state_lanes`
+ROW_SPAN = 256  #: time steps per row pass of :func:`scan_forward_state_lanes` (rounded down to whole chunks)
 
 
 def state_lanes_apply(nstate: int, channels: int, groups: int) -> bool:
@@ -591,20 +672,23 @@ def state_lanes_apply(nstate: int, channels: int, groups: int) -> bool:
 
 
 @njit(inline="always", fastmath=FASTMATH, error_model="numpy")
-def _pair_steps(nstate, B_chunk, C_chunk, nt, a, h, row_dt, row_du, row_y):  # pragma: no cover - compiled
-    """Advance the states ``h`` (2, N) of two channels through the ``nt`` steps of a chunk; ``row_y`` (2, chunk)
-    gets ``<C_t, h_t>``. ``B_chunk``, ``C_chunk`` (nt, N) are the chunk's rows of the group. ``nstate`` is a literal
-    at the call site, so the state loop unrolls into whole vectors."""
+def _pair_steps(nstate, B_chunk, C_chunk, nt, a, h, dt_pair, du_pair, y_pair):  # pragma: no cover - compiled
+    """Advance the states ``h`` (2, N) of two channels through ``nt`` steps; ``y_pair[j][s]`` gets ``<C_s, h_s>``.
+
+    ``B_chunk``, ``C_chunk`` (nt, N) are the steps' rows of the group; ``a`` (2, N) is the channels' A log2(e);
+    ``dt_pair`` and ``du_pair`` hold each channel's ``dt`` and ``dt * u`` (1-D, ``nt`` long). ``nstate`` is a literal
+    at the call site, so the state loop unrolls into whole vectors.
+    """
     for s in range(nt):
         for j in range(STATE_LANES_PAIR):
-            dt_s = row_dt[j, s]
-            du_s = row_du[j, s]
-            acc = row_y.dtype.type(0)
+            dt_s = dt_pair[j][s]
+            du_s = du_pair[j][s]
+            acc = B_chunk.dtype.type(0)
             for n in range(nstate):
-                hv = fast_exp(dt_s * a[j, n]) * h[j, n] + du_s * B_chunk[s, n]
+                hv = fast_exp2(dt_s * a[j, n]) * h[j, n] + du_s * B_chunk[s, n]
                 h[j, n] = hv
                 acc += hv * C_chunk[s, n]
-            row_y[j, s] = acc
+            y_pair[j][s] = acc
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", cache=_CACHE, nogil=True)
@@ -618,39 +702,51 @@ def scan_forward_state_lanes(
     """
     _, groups, per_group, pairs, length, nchunks = _tiling(u, A, Bt, chunk, STATE_LANES_PAIR)
     dtype = u.dtype
-    a = np.empty((STATE_LANES_PAIR, STATE_LANES), dtype)
+    a = np.empty((STATE_LANES_PAIR, STATE_LANES), dtype)  # A log2(e)
     h = np.empty((STATE_LANES_PAIR, STATE_LANES), dtype)
-    row_dt = np.empty((STATE_LANES_PAIR, chunk), dtype)
-    row_du = np.empty((STATE_LANES_PAIR, chunk), dtype)
-    row_y = np.empty((STATE_LANES_PAIR, chunk), dtype)
+    span = max(chunk, (ROW_SPAN // chunk) * chunk)
+    row_bias = np.empty((STATE_LANES_PAIR, span), dtype)
+    row_dt = np.empty((STATE_LANES_PAIR, span), dtype)
+    row_du = np.empty((STATE_LANES_PAIR, span), dtype)
+    row_y = np.empty((STATE_LANES_PAIR, span), dtype)
+    log2e = dtype.type(LOG2E)
     for item in range(item_start, item_stop):
         bi, g, _, c0, _ = _item_channels(item, groups, pairs, per_group, STATE_LANES_PAIR)
         for j in range(STATE_LANES_PAIR):
             for n in range(STATE_LANES):
-                a[j, n] = A[c0 + j, n]
+                a[j, n] = A[c0 + j, n] * log2e
                 h[j, n] = 0
-        for k in range(nchunks):
-            t0 = k * chunk
-            nt = min(chunk, length - t0)
-            _prefetch_forward_ahead(
-                u, delta, y, bi, c0, STATE_LANES_PAIR, k, chunk, item, item_stop, groups, pairs, per_group,
-                STATE_LANES_PAIR,
-            )
+            row_bias[j, :] = delta_bias[c0 + j]
+        for t0 in range(0, length, span):
+            nt = min(span, length - t0)
             for j in range(STATE_LANES_PAIR):
-                if save:
-                    for n in range(STATE_LANES):
-                        checkpoints[bi, k, n, c0 + j] = h[j, n]
-                _step_sizes(delta[bi, c0 + j, t0:t0 + nt], delta_bias[c0 + j], use_softplus, nt, row_dt[j])
+                _step_sizes(delta[bi, c0 + j, t0:t0 + nt], row_bias[j], use_softplus, nt, row_dt[j])
                 u_row = u[bi, c0 + j, t0:t0 + nt]
+                dt_row = row_dt[j]
+                du_row = row_du[j]
                 for s in range(nt):
-                    row_du[j, s] = row_dt[j, s] * u_row[s]
-            _pair_steps(STATE_LANES, Bt[bi, g, t0:t0 + nt], Ct[bi, g, t0:t0 + nt], nt, a, h, row_dt, row_du, row_y)
+                    du_row[s] = dt_row[s] * u_row[s]
+            for s0 in range(0, nt, chunk):
+                steps = min(chunk, nt - s0)
+                if save:
+                    k = (t0 + s0) // chunk
+                    for j in range(STATE_LANES_PAIR):
+                        for n in range(STATE_LANES):
+                            checkpoints[bi, k, n, c0 + j] = h[j, n]
+                t = t0 + s0
+                _pair_steps(
+                    STATE_LANES, Bt[bi, g, t:t + steps], Ct[bi, g, t:t + steps], steps, a, h,
+                    (row_dt[0, s0:s0 + steps], row_dt[1, s0:s0 + steps]),
+                    (row_du[0, s0:s0 + steps], row_du[1, s0:s0 + steps]),
+                    (row_y[0, s0:s0 + steps], row_y[1, s0:s0 + steps]),
+                )
             for j in range(STATE_LANES_PAIR):
                 d_skip = D[c0 + j]
                 u_row = u[bi, c0 + j, t0:t0 + nt]
                 y_row = y[bi, c0 + j, t0:t0 + nt]
+                y_part = row_y[j]
                 for s in range(nt):
-                    y_row[s] = row_y[j, s] + d_skip * u_row[s]
+                    y_row[s] = y_part[s] + d_skip * u_row[s]
     return y
 
 
@@ -682,33 +778,43 @@ def scan_backward(
     dtype = u.dtype
     zero = dtype.type(0)
     a = np.empty((nstate, block), dtype)
+    a_log2e = np.empty((nstate, block), dtype)  # A log2(e), for the decays
     h = np.empty((nstate, block), dtype)
     carry = np.empty((nstate, block), dtype)  # a_{t+1} g_{t+1}
     ga = np.empty((nstate, block), dtype)
     hs = np.empty((chunk, nstate, block), dtype)  # h_{t-1} for each step of the chunk
     decay = np.empty((chunk, nstate, block), dtype)  # a_t
-    # (time, channel) tiles for the loops over states, and (channel, time) rows for the work per step.
+    # (time, channel) tiles; the work per (time, channel) runs over them as flat arrays.
+    # Zeroed once, so that the unused columns of a partial block never hold garbage (such as slow denormals).
+    zb = np.zeros((chunk, block), dtype)  # delta, then its gradient
+    ub = np.zeros((chunk, block), dtype)
+    gyb = np.zeros((chunk, block), dtype)
     dtb = np.empty((chunk, block), dtype)
-    dub = np.empty((chunk, block), dtype)
-    gyb = np.empty((chunk, block), dtype)
-    gbb = np.empty((chunk, block), dtype)  # <g_t, B_t>
+    dub = np.empty((chunk, block), dtype)  # dt * u
+    slopeb = np.empty((chunk, block), dtype)  # softplus'(delta + delta_bias)
+    gbb = np.empty((chunk, block), dtype)  # <g_t, B_t>, then the gradient of u
     gab = np.empty((chunk, block), dtype)  # <g_t, A a_t h_{t-1}>
-    dt_rows = np.empty((block, chunk), dtype)
-    du_rows = np.empty((block, chunk), dtype)
-    slopes = np.empty((block, chunk), dtype)  # softplus'(delta + delta_bias)
-    gbb_rows = np.empty((block, chunk), dtype)
-    gab_rows = np.empty((block, chunk), dtype)
+    bias_tile = np.empty((chunk, block), dtype)
+    skip_tile = np.empty((chunk, block), dtype)  # D
+    gd_sums = np.empty((chunk, block), dtype)  # per-element sums over the chunks, reduced over time at the end
+    gbias_sums = np.empty((chunk, block), dtype)
+    z_flat, u_flat, gy_flat, dt_flat, du_flat = zb.ravel(), ub.ravel(), gyb.ravel(), dtb.ravel(), dub.ravel()
+    slope_flat, gbb_flat, gab_flat = slopeb.ravel(), gbb.ravel(), gab.ravel()
+    bias_flat, skip_flat, gd_flat, gbias_flat = bias_tile.ravel(), skip_tile.ravel(), gd_sums.ravel(), gbias_sums.ravel()
     gd = np.empty(block, dtype)
     gbias = np.empty(block, dtype)
-    gdelta_scratch = np.empty(chunk, dtype)  # one channel's delta gradient over the chunk
+    log2e = dtype.type(LOG2E)
     for item in range(item_start, item_stop):
         bi, g, p, c0, nc = _item_channels(item, groups, nblocks, per_group, block)
-        for c in range(nc):
-            gd[c] = zero
-            gbias[c] = zero
+        _fill_columns(bias_tile, delta_bias, c0, nc)
+        _fill_columns(skip_tile, D, c0, nc)
+        for i in range(chunk * block):
+            gd_flat[i] = zero
+            gbias_flat[i] = zero
         for n in range(nstate):
             for c in range(nc):
                 a[n, c] = A[c0 + c, n]
+                a_log2e[n, c] = A[c0 + c, n] * log2e
                 carry[n, c] = zero
                 ga[n, c] = zero
         for k in range(nchunks - 1, -1, -1):
@@ -722,24 +828,18 @@ def scan_backward(
                 _prefetch_backward_chunk(
                     u, delta, gy, gu, gdelta, checkpoints, next_bi, next_c0, next_nc, nchunks - 1, chunk
                 )
-            for c in range(nc):
-                delta_row = delta[bi, c0 + c, t0:t0 + nt]
-                dt_row = dt_rows[c]
-                if use_softplus:
-                    _step_sizes_and_slopes(delta_row, delta_bias[c0 + c], nt, dt_row, slopes[c])
-                else:
-                    _step_sizes(delta_row, delta_bias[c0 + c], False, nt, dt_row)
-                u_row = u[bi, c0 + c, t0:t0 + nt]
-                gy_row = gy[bi, c0 + c, t0:t0 + nt]
-                du_row = du_rows[c]
-                skip_grad = zero
-                for s in range(nt):
-                    du_row[s] = dt_row[s] * u_row[s]
-                    skip_grad += gy_row[s] * u_row[s]
-                gd[c] += skip_grad
-            _transpose(dt_rows, 0, 0, nc, nt, dtb, 0, 0)
-            _transpose(du_rows, 0, 0, nc, nt, dub, 0, 0)
+            _transpose(delta[bi], c0, t0, nc, nt, zb, 0, 0)
+            _transpose(u[bi], c0, t0, nc, nt, ub, 0, 0)
             _transpose(gy[bi], c0, t0, nc, nt, gyb, 0, 0)
+            # In a partial block the columns from nc on hold stale values: computed on, never written out.
+            size = nt * block
+            if use_softplus:
+                _step_sizes_and_slopes(z_flat, bias_flat, size, dt_flat, slope_flat)
+            else:
+                _step_sizes(z_flat, bias_flat, False, size, dt_flat)
+            for i in range(size):
+                du_flat[i] = dt_flat[i] * u_flat[i]
+                gd_flat[i] += gy_flat[i] * u_flat[i]
             # Recompute the chunk's states from its checkpoint.
             saved = checkpoints[bi, k]
             for n in range(nstate):
@@ -751,7 +851,7 @@ def scan_backward(
                 for n in range(nstate):
                     b_tn = B_chunk[n, s]
                     for c in range(nc):
-                        e = fast_exp(dtb[s, c] * a[n, c])
+                        e = fast_exp2(dtb[s, c] * a_log2e[n, c])
                         hs[s, n, c] = h[n, c]
                         decay[s, n, c] = e
                         h[n, c] = e * h[n, c] + dub[s, c] * b_tn
@@ -780,29 +880,21 @@ def scan_backward(
                         carry[n, c] = grad_h * e
                     gB_chunk[n, s] = sum_b
                     gC_chunk[n, s] = sum_c
-            _transpose(gbb, 0, 0, nt, nc, gbb_rows, 0, 0)
-            _transpose(gab, 0, 0, nt, nc, gab_rows, 0, 0)
-            for c in range(nc):
-                d_skip = D[c0 + c]
-                u_row = u[bi, c0 + c, t0:t0 + nt]
-                gy_row = gy[bi, c0 + c, t0:t0 + nt]
-                gu_row = gu[bi, c0 + c, t0:t0 + nt]
-                dt_row = dt_rows[c]
-                gbb_row = gbb_rows[c]
-                gab_row = gab_rows[c]
-                for s in range(nt):
-                    gu_row[s] = dt_row[s] * gbb_row[s] + d_skip * gy_row[s]
-                    gdelta_scratch[s] = gab_row[s] + u_row[s] * gbb_row[s]
+            # Gradients of delta (into zb) and u (into gbb), then back to (channel, time) rows.
+            for i in range(size):
+                gz = gab_flat[i] + u_flat[i] * gbb_flat[i]
                 if use_softplus:
-                    slope_row = slopes[c]
-                    for s in range(nt):
-                        gdelta_scratch[s] *= slope_row[s]
-                gdelta_row = gdelta[bi, c0 + c, t0:t0 + nt]
-                bias_grad = zero
-                for s in range(nt):
-                    gdelta_row[s] = gdelta_scratch[s]
-                    bias_grad += gdelta_scratch[s]
-                gbias[c] += bias_grad
+                    gz *= slope_flat[i]
+                z_flat[i] = gz
+                gbias_flat[i] += gz
+                gbb_flat[i] = dt_flat[i] * gbb_flat[i] + skip_flat[i] * gy_flat[i]
+            _transpose(gbb, 0, 0, nt, nc, gu[bi], c0, t0)
+            _transpose(zb, 0, 0, nt, nc, gdelta[bi], c0, t0)
+        for c in range(nc):
+            gd[c] = zero
+            gbias[c] = zero
+        _add_column_sums(gd_sums, gd, nc)
+        _add_column_sums(gbias_sums, gbias, nc)
         for c in range(nc):
             gD_part[bi, c0 + c] = gd[c]
             gbias_part[bi, c0 + c] = gbias[c]
