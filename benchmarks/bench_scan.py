@@ -5,8 +5,11 @@ N = 16), and the decoder's stage-0 scan (N = 4). For each backend it reports the
 inference), the forward+backward time (``y.backward(g)`` for a fixed random output gradient ``g``, as a training step
 hands the scan; no loss is computed, so only the scan is timed), and the peak RSS of the process.
 Every (backend, shape) pair runs in its own subprocess so that peak RSS belongs to that pair alone. Times are the best
-of ``--repeat`` runs after one untimed warm-up (which also absorbs numba's first compilation; with ``--quick`` only
-numba gets the warm-up).
+of at least ``--repeat`` runs after one untimed warm-up (which also absorbs numba's first compilation; with ``--quick``
+only numba gets the warm-up). As in ``timeit``'s autorange, a measurement repeats until its runs add up to
+``--min-time`` seconds (at most 100 runs): a pause of the machine (other processes, the hypervisor) costs a 50 ms call
+a large fraction of its time and a 5 s call almost none, so short calls need more runs for their best to be
+representative. The table gives each measurement's number of runs.
 
 Usage::
 
@@ -90,7 +93,10 @@ def _mambapy_scan(u, delta, A, B, C, D, delta_bias, delta_softplus):
     return y + D[:, None] * u
 
 
-def _worker(impl: str, shape_index: int, repeat: int, threads: int) -> dict:
+MAX_RUNS = 100
+
+
+def _worker(impl: str, shape_index: int, repeat: int, threads: int, min_time: float) -> dict:
     import torch
 
     # One untimed call first; with a single repetition (--quick) only where there is a compilation to absorb.
@@ -125,14 +131,15 @@ def _worker(impl: str, shape_index: int, repeat: int, threads: int) -> dict:
     for name, fn in (("fwd", forward), ("fwdbwd", forward_backward)):
         if warm_up:
             fn()  # numba compiles or loads its cache here
-        times = []
-        for _ in range(repeat):
+        times: list[tuple[float, float]] = []
+        while len(times) < repeat or (sum(t for t, _ in times) < min_time and len(times) < MAX_RUNS):
             start, cpu_start = time.perf_counter(), time.process_time()
             fn()
             times.append((time.perf_counter() - start, time.process_time() - cpu_start))
         # CPU seconds (all threads) are reported too: unlike wall time they hardly change when other processes
         # share the cores, so their ratios stay comparable on a busy machine.
         result[name], result[name + "_cpu"] = min(times)
+        result[name + "_runs"] = len(times)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
 
@@ -172,8 +179,8 @@ def _machine() -> dict[str, str]:
     }
 
 
-def _run_worker(impl: str, shape_index: int, repeat: int, threads: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", impl, str(shape_index), str(repeat), str(threads)]
+def _run_worker(impl: str, shape_index: int, repeat: int, threads: int, min_time: float) -> dict:
+    cmd = [sys.executable, __file__, "--worker", impl, str(shape_index), str(repeat), str(threads), str(min_time)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
@@ -198,18 +205,23 @@ def _implementations(with_reference: bool) -> list[str]:
     return impls
 
 
-def _format(results: dict, impls: list[str], machine: dict, threads: int, repeat: int, load: str) -> str:
+def _format(
+    results: dict, impls: list[str], machine: dict, threads: int, repeat: int, min_time: float, load: str
+) -> str:
+    runs = f"best of {repeat}"
+    if min_time > 0:
+        runs = f"best of at least {repeat} runs, and of as many as fill {min_time:g} s"
     lines = [
         f"{SECTION}",
         "",
         f"`python benchmarks/bench_scan.py{' --quick' if repeat == 1 else ''}` (float32, batch 1, G = 4, softplus on;",
-        f"one scan call = the 4 directions; best of {repeat}; {threads} threads; load average at start {load}).",
+        f"one scan call = the 4 directions; {runs}; {threads} threads; load average at start {load}).",
         "Forward runs without autograd; forward+backward is `y.backward(g)` for a fixed random `g`. Peak RSS is the whole",
         "process's (torch itself is about 0.3 GB). CPU s is the process's CPU time over all threads for the same run:",
         "unlike wall time it hardly grows when other processes share the cores.",
         "",
-        "| shape | d | L | N | backend | forward ms | forward+backward ms | fwd+bwd CPU s | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| shape | d | L | N | backend | forward ms | forward+backward ms | fwd+bwd CPU s | peak RSS MB | runs |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for index, (label, channels, length, nstate) in enumerate(SHAPES):
         for impl in impls:
@@ -217,11 +229,12 @@ def _format(results: dict, impls: list[str], machine: dict, threads: int, repeat
             if r is None:
                 continue
             if "error" in r:
-                lines.append(f"| {label} | {channels} | {length} | {nstate} | {impl} | failed: {r['error']} | | | |")
+                lines.append(f"| {label} | {channels} | {length} | {nstate} | {impl} | failed: {r['error']} | | | | |")
                 continue
             lines.append(
                 f"| {label} | {channels} | {length} | {nstate} | {impl} | {r['fwd'] * 1e3:,.0f} | "
-                f"{r['fwdbwd'] * 1e3:,.0f} | {r['fwdbwd_cpu']:,.2f} | {r['peak_rss_mb']:,.0f} |"
+                f"{r['fwdbwd'] * 1e3:,.0f} | {r['fwdbwd_cpu']:,.2f} | {r['peak_rss_mb']:,.0f} | "
+                f"{r['fwd_runs']} / {r['fwdbwd_runs']} |"
             )
     if "numba" in impls and "mambapy" in impls:
         lines += ["", "Speed-up of numba over mambapy, measured in the same run (target: 30x forward+backward):", ""]
@@ -269,19 +282,23 @@ def _write_section(section: str, machine: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one repetition per measurement")
-    parser.add_argument("--repeat", type=int, default=3, help="timed repetitions (best is reported)")
+    parser.add_argument("--repeat", type=int, default=3, help="least number of timed runs (best is reported)")
+    parser.add_argument(
+        "--min-time", type=float, default=2.0, help="repeat each measurement until its runs add up to this (seconds)"
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--with-reference", action="store_true", help="also time the sequential reference loop")
     parser.add_argument("--backends", help="comma-separated subset to run, e.g. numba,mambapy (default: all)")
     parser.add_argument("--no-write", action="store_true", help=f"do not update {DOC.relative_to(REPO_ROOT)}")
-    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        impl, shape_index, repeat, threads = args.worker
-        print(json.dumps(_worker(impl, int(shape_index), int(repeat), int(threads))))
+        impl, shape_index, repeat, threads, min_time = args.worker
+        print(json.dumps(_worker(impl, int(shape_index), int(repeat), int(threads), float(min_time))))
         return 0
 
     repeat = 1 if args.quick else args.repeat
+    min_time = 0.0 if args.quick else args.min_time
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     machine = _machine()
     impls = _implementations(args.with_reference)
@@ -290,14 +307,14 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {}
     for index, (label, channels, length, nstate) in enumerate(SHAPES):
         for impl in impls:
-            r = _run_worker(impl, index, repeat, args.threads)
+            r = _run_worker(impl, index, repeat, args.threads, min_time)
             results[(impl, index)] = r
             shown = r.get("error") or (
                 f"fwd {r['fwd'] * 1e3:8.0f} ms  fwd+bwd {r['fwdbwd'] * 1e3:8.0f} ms ({r['fwdbwd_cpu']:7.2f} CPU s)  "
                 f"peak {r['peak_rss_mb']:6.0f} MB"
             )
             print(f"{label:16s} d={channels:<5d} L={length:<6d} N={nstate:<3d} {impl:10s} {shown}", flush=True)
-    section = _format(results, impls, machine, args.threads, repeat, load)
+    section = _format(results, impls, machine, args.threads, repeat, min_time, load)
     print()
     print(section)
     if not args.no_write:
