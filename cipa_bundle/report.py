@@ -38,7 +38,7 @@ import numpy as np
 from cipa_bundle.components import label_components, label_components_in_box
 from cipa_bundle.errors import CipaInputError
 from cipa_bundle.io.atomic import atomic_outputs
-from cipa_bundle.io.nifti import save_json
+from cipa_bundle.io.nifti import grid_mismatch, save_json
 from cipa_bundle.io.volume import Volume
 
 __all__ = [
@@ -72,9 +72,6 @@ LUNG_WINDOW = (-600.0, 1500.0)
 
 _MASK_COLOUR = (0, 255, 0)  # green stands out on both grey CT and the red/yellow of the hot map
 _MIP_CONTOUR_COLOUR = (255, 0, 0)
-
-# Same-grid tolerance: affines of volumes resampled onto the CT grid may differ by float rounding only.
-_AFFINE_ATOL_MM = 1e-3
 
 
 # ----------------------------------------------------------------------------------------------- lesions
@@ -124,16 +121,12 @@ class Lesion:
         return out
 
 
-def _check_same_grid(reference: Volume, other: Volume, name: str) -> None:
-    """Refuse a volume that is not on ``reference``'s grid (same shape, same affine within 1e-3 mm)."""
-    if other.shape != reference.shape:
+def _check_same_grid(reference: Volume, reference_name: str, other: Volume, name: str) -> None:
+    """Refuse a volume that is not on ``reference``'s voxel grid (:func:`~cipa_bundle.io.nifti.grid_mismatch`)."""
+    problem = grid_mismatch(other.shape, other.affine, reference.shape, reference.affine)
+    if problem is not None:
         raise CipaInputError(
-            f"{name} has shape {other.shape}, expected {reference.shape} (the mask's grid; resample it first)"
-        )
-    if not np.allclose(other.affine, reference.affine, atol=_AFFINE_ATOL_MM, rtol=0):
-        raise CipaInputError(
-            f"{name} affine {np.round(other.affine, 4).tolist()} differs from the mask's "
-            f"{np.round(reference.affine, 4).tolist()}; expected both on the same grid"
+            f"{name} is not on the {reference_name}'s grid ({name} vs {reference_name}: {problem}); resample it first"
         )
 
 
@@ -158,7 +151,7 @@ def lesion_statistics(mask: Volume, suv: Volume | None = None) -> list[Lesion]:
         CipaInputError: a mask that is not 3-D or an SUV volume on another grid.
     """
     if suv is not None:
-        _check_same_grid(mask, suv, "suv")
+        _check_same_grid(mask, "mask", suv, "suv")
     labels, box, n = label_components_in_box(mask.array, connectivity=26)
     origin = (box[0].start, box[1].start, box[2].start)
     if n == 0:
@@ -366,8 +359,8 @@ def render_axial_overlay(
     Raises:
         CipaInputError: volumes on different grids, or ``slice_index`` outside the volume.
     """
-    _check_same_grid(ct, pet, "pet")
-    _check_same_grid(ct, mask, "mask")
+    _check_same_grid(ct, "CT", pet, "PET")
+    _check_same_grid(ct, "CT", mask, "mask")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     axis, inferior_to_superior = _axial_axis(ct.affine)
@@ -417,7 +410,7 @@ def render_coronal_mip(
     Raises:
         CipaInputError: volumes on different grids.
     """
-    _check_same_grid(pet, mask, "mask")
+    _check_same_grid(pet, "PET", mask, "mask")
     pet_d, spacing = _to_display(np.asarray(pet.array), pet.affine)
     mask_d, _ = _to_display(np.asarray(mask.array), pet.affine)
     # Project along Y (posterior); the (X, Z) plane becomes (rows = Z from superior down, cols = X).

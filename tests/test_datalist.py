@@ -185,8 +185,24 @@ def test_studies_affine_mismatch(tmp_path):
     shifted = AFFINE.copy()
     shifted[2, 3] = 4.0
     _nii(tmp_path / "c1" / "label.nii.gz", (4, 4, 3), shifted)
-    with pytest.raises(CipaInputError, match="c1.*different affines"):
+    with pytest.raises(CipaInputError, match="c1.*affines differ"):
         build_studies_datalist(tmp_path, 0.0)
+
+
+def test_grid_mismatch_is_the_one_grid_rule() -> None:
+    from cipa_bundle.io.nifti import AFFINE_ATOL_MM, grid_mismatch
+
+    affine = np.diag([0.98, 0.98, 2.0, 1.0])
+    assert grid_mismatch((4, 4, 3), affine, (4, 4, 3, 1), affine) is None  # a trailing channel axis is not the grid
+    nudged = affine.copy()
+    nudged[0, 3] += AFFINE_ATOL_MM / 2  # float rounding of a resampled grid
+    assert grid_mismatch((4, 4, 3), affine, (4, 4, 3), nudged) is None
+    nudged[0, 3] += AFFINE_ATOL_MM
+    assert "affines differ by up to 0.015 mm" in grid_mismatch((4, 4, 3), affine, (4, 4, 3), nudged)
+    assert grid_mismatch((4, 4, 3), affine, (4, 4, 2), affine) == "spatial shape (4, 4, 3) vs (4, 4, 2)"
+    broken = affine.copy()
+    broken[1, 1] = np.nan
+    assert "affines differ" in grid_mismatch((4, 4, 3), affine, (4, 4, 3), broken)
 
 
 def test_studies_slices_option(tmp_path):

@@ -109,7 +109,7 @@ def test_convert_studies_refusals(studies: dict[str, Path], tmp_path: Path) -> N
     cropped = tmp_path / "cropped_label.nii.gz"
     label = nib.load(case / "label.nii.gz")
     nib.save(label.slicer[:, :, 2:], cropped)  # one slice short of the CT grid
-    with pytest.raises(CipaInputError, match=r"cropped_label\.nii\.gz has spatial shape .* expected the same grid"):
+    with pytest.raises(CipaInputError, match=r"cropped_label\.nii\.gz and .* differ \(spatial shape .* expected the same grid"):
         convert_study(case, tmp_path / "o", progress=False, studies_dir=tmp_path / "s", label=cropped)
     with pytest.raises(CipaInputError, match="case id 'a/b' cannot name a MONAI Label study"):
         convert_study(case, tmp_path / "o", progress=False, studies_dir=tmp_path / "s", case_id="a/b")

@@ -36,7 +36,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 
 from cipa_bundle.errors import CipaInputError
-from cipa_bundle.io.nifti import AFFINE_ATOL_MM
+from cipa_bundle.io.nifti import grid_mismatch
 from cipa_bundle.preprocessing.transforms import DEFAULT_CT_WINDOW_HU, DEFAULT_SUV_MAX, ScaleSUV, WindowCT
 
 __all__ = [
@@ -341,12 +341,12 @@ class LoadPETCTSliced(MapTransform):
             return self.pclt20k(d)
         d = self.separate(d)
         ct, pet = d.pop(self.ct_key), d.pop(self.pet_key)
-        if ct.shape != pet.shape or not torch.allclose(ct.affine, pet.affine, rtol=0.0, atol=AFFINE_ATOL_MM):
+        problem = grid_mismatch(ct.shape[1:], ct.affine, pet.shape[1:], pet.affine)
+        if problem is not None:
             raise CipaInputError(
-                f"CT {data[self.ct_key]} slice {d[self.slice_key]} is {tuple(ct.shape[1:])} pixels and PET "
-                f"{data[self.pet_key]} is {tuple(pet.shape[1:])}, with affines differing by "
-                f"{float((ct.affine - pet.affine).abs().max()):.3g} mm; "
-                "expected the PET resampled onto the CT grid (autoPET's CTres.nii.gz / SUV.nii.gz are)"
+                f"CT {data[self.ct_key]} slice {d[self.slice_key]} and PET {data[self.pet_key]} are not on one grid "
+                f"(CT vs PET: {problem}); expected the PET resampled onto the CT grid (autoPET's CTres.nii.gz / "
+                "SUV.nii.gz are)"
             )
         image = torch.cat([self.window_ct(ct).as_tensor(), self.scale_suv(pet).as_tensor()], dim=0)
         meta = {k: v for k, v in ct.meta.items() if k != "affine"}  # the affine goes in once, explicitly

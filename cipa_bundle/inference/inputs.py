@@ -35,6 +35,7 @@ from typing import Any, Literal
 import numpy as np
 
 from cipa_bundle.errors import CipaInputError
+from cipa_bundle.io.nifti import grid_mismatch
 
 __all__ = ["PreparedInput", "check_datalist", "prepare_input", "case_name", "FUSED_IMAGE", "SUV_ON_CT"]
 
@@ -191,10 +192,10 @@ def _same_grid(path: Path, shape: tuple[int, ...], affine: np.ndarray, what: str
     import nibabel as nib
 
     img = nib.load(os.fspath(path))
-    if tuple(img.shape[:3]) != tuple(shape[:3]) or not np.allclose(img.affine, affine, atol=1e-3, rtol=0):
+    problem = grid_mismatch(img.shape, img.affine, shape, affine)
+    if problem is not None:
         raise CipaInputError(
-            f"{path}: {what} has shape {tuple(img.shape)} and affine {np.round(img.affine, 3).tolist()}; expected the "
-            f"grid of the fused image beside it, shape {tuple(shape[:3])}, affine {np.round(affine, 3).tolist()}"
+            f"{path}: the {what} is not on the grid of the fused image beside it ({what} vs fused image: {problem})"
         )
 
 

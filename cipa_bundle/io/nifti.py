@@ -12,10 +12,12 @@ from __future__ import annotations
 import gzip
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from cipa_bundle.errors import CipaInputError
 from cipa_bundle.io.atomic import atomic_outputs
@@ -25,6 +27,7 @@ __all__ = [
     "AFFINE_ATOL_MM",
     "nifti_header",
     "require_3d_mask",
+    "grid_mismatch",
     "require_same_grid",
     "json_text",
     "nifti_bytes",
@@ -161,20 +164,34 @@ def nifti_header(path: Path, case: str) -> tuple[tuple[int, ...], np.ndarray]:
     return tuple(int(s) for s in img.shape), np.asarray(img.affine, dtype=np.float64)
 
 
+def grid_mismatch(
+    shape_a: Sequence[int], affine_a: ArrayLike, shape_b: Sequence[int], affine_b: ArrayLike
+) -> str | None:
+    """How two voxel grids differ, or ``None`` when they are one grid.
+
+    One grid means the same spatial shape (the first three axes; a trailing channel axis is ignored) and affines
+    that agree to :data:`AFFINE_ATOL_MM`. The description names the first difference found, for error messages.
+    """
+    spatial_a, spatial_b = tuple(int(n) for n in shape_a[:3]), tuple(int(n) for n in shape_b[:3])
+    if spatial_a != spatial_b:
+        return f"spatial shape {spatial_a} vs {spatial_b}"
+    a, b = np.asarray(affine_a, dtype=np.float64), np.asarray(affine_b, dtype=np.float64)
+    if not np.allclose(a, b, rtol=0.0, atol=AFFINE_ATOL_MM):
+        return (
+            f"affines differ by up to {float(np.max(np.abs(a - b))):.3g} mm, more than {AFFINE_ATOL_MM} mm: "
+            f"{a[:3].round(3).tolist()} vs {b[:3].round(3).tolist()}"
+        )
+    return None
+
+
 def require_same_grid(
     case: str, a: tuple[Path, tuple[int, ...], np.ndarray], b: tuple[Path, tuple[int, ...], np.ndarray]
 ) -> None:
-    """Raise unless two ``(file, shape, affine)`` headers describe one voxel grid (spatial shape, affine to 0.01 mm)."""
+    """Raise unless two ``(file, shape, affine)`` headers describe one voxel grid (:func:`grid_mismatch`)."""
     (pa, sa, aa), (pb, sb, ab) = a, b
-    if sa[:3] != sb[:3]:
-        raise CipaInputError(
-            f"case {case}: {pa.name} has spatial shape {sa[:3]} but {pb.name} has {sb[:3]}; expected the same grid"
-        )
-    if not np.allclose(aa, ab, rtol=0.0, atol=AFFINE_ATOL_MM):
-        raise CipaInputError(
-            f"case {case}: {pa.name} and {pb.name} have different affines "
-            f"({aa[:3].round(3).tolist()} vs {ab[:3].round(3).tolist()}); expected the same grid"
-        )
+    problem = grid_mismatch(sa, aa, sb, ab)
+    if problem is not None:
+        raise CipaInputError(f"case {case}: {pa.name} and {pb.name} differ ({problem}); expected the same grid")
 
 
 def require_3d_mask(case: str, path: Path, shape: tuple[int, ...]) -> None:
