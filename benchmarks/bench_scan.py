@@ -7,9 +7,9 @@ hands the scan; no loss is computed, so only the scan is timed), and the peak RS
 Every (backend, shape) pair runs in its own subprocess so that peak RSS belongs to that pair alone. Times are the best
 of at least ``--repeat`` runs after one untimed warm-up (which also absorbs numba's first compilation; with ``--quick``
 only numba gets the warm-up). As in ``timeit``'s autorange, a measurement repeats until its runs add up to
-``--min-time`` seconds (at most 100 runs): a pause of the machine (other processes, the hypervisor) costs a 50 ms call
-a large fraction of its time and a 5 s call almost none, so short calls need more runs for their best to be
-representative. The table gives each measurement's number of runs.
+``--min-time`` seconds (at most 100 runs, or ``--repeat`` if more): a pause of the machine (other processes, the
+hypervisor) costs a 50 ms call a large fraction of its time and a 5 s call almost none, so short calls need more runs
+for their best to be representative. The table gives each measurement's number of runs (forward / forward+backward).
 
 Usage::
 
@@ -206,7 +206,7 @@ def _implementations(with_reference: bool) -> list[str]:
 
 
 def _format(
-    results: dict, impls: list[str], machine: dict, threads: int, repeat: int, min_time: float, load: str
+    results: dict, impls: list[str], machine: dict, threads: int, repeat: int, min_time: float, load: str, quick: bool
 ) -> str:
     runs = f"best of {repeat}"
     if min_time > 0:
@@ -214,14 +214,15 @@ def _format(
     lines = [
         f"{SECTION}",
         "",
-        f"`python benchmarks/bench_scan.py{' --quick' if repeat == 1 else ''}` (float32, batch 1, G = 4, softplus on;",
+        f"`python benchmarks/bench_scan.py{' --quick' if quick else ''}` (float32, batch 1, G = 4, softplus on;",
         f"one scan call = the 4 directions; {threads} threads; load average at start {load};",
         f"{runs}).",
         "Forward runs without autograd; forward+backward is `y.backward(g)` for a fixed random `g`. Peak RSS is the whole",
         "process's (torch itself is about 0.3 GB). CPU s is the process's CPU time over all threads for the same run:",
         "unlike wall time it hardly grows when other processes share the cores.",
         "",
-        "| shape | d | L | N | backend | forward ms | forward+backward ms | fwd+bwd CPU s | peak RSS MB | runs |",
+        "| shape | d | L | N | backend | forward ms | forward+backward ms | fwd+bwd CPU s | peak RSS MB "
+        "| runs (fwd / fwd+bwd) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for index, (label, channels, length, nstate) in enumerate(SHAPES):
@@ -315,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"peak {r['peak_rss_mb']:6.0f} MB"
             )
             print(f"{label:16s} d={channels:<5d} L={length:<6d} N={nstate:<3d} {impl:10s} {shown}", flush=True)
-    section = _format(results, impls, machine, args.threads, repeat, min_time, load)
+    section = _format(results, impls, machine, args.threads, repeat, min_time, load, args.quick)
     print()
     print(section)
     if not args.no_write:

@@ -218,6 +218,10 @@ def test_load_petct_slice_errors_name_the_files(tmp_path):
         LoadPETCTSliced()({"ct": str(ct), "pet": str(pet), "slice": 1})
     with pytest.raises(CipaInputError, match="expected 'image'"):
         LoadPETCTSliced()({"ct": str(ct), "slice": 1})
+    two_channels = _save(tmp_path / "SUV2.nii.gz", np.zeros((NI, NJ, NK, 2), np.float32), LPS_LIKE)
+    expected = r"CTres\.nii\.gz .* 1 channel\(s\) and PET .*SUV2\.nii\.gz has 2; expected one"
+    with pytest.raises(CipaInputError, match=expected):
+        LoadPETCTSliced()({"ct": str(ct), "pet": str(two_channels), "slice": 1})
 
 
 # ------------------------------------------------------------------------------------------- sampling

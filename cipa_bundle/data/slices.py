@@ -341,6 +341,11 @@ class LoadPETCTSliced(MapTransform):
             return self.pclt20k(d)
         d = self.separate(d)
         ct, pet = d.pop(self.ct_key), d.pop(self.pet_key)
+        if ct.shape[0] != 1 or pet.shape[0] != 1:
+            raise CipaInputError(
+                f"CT {data[self.ct_key]} slice {d[self.slice_key]} has {ct.shape[0]} channel(s) and PET "
+                f"{data[self.pet_key]} has {pet.shape[0]}; expected one each (3-D volumes): the image is CT then PET"
+            )
         problem = grid_mismatch(ct.shape[1:], ct.affine, pet.shape[1:], pet.affine)
         if problem is not None:
             raise CipaInputError(

@@ -596,7 +596,7 @@ def scan_forward(
     a = np.empty((nstate, block), dtype)  # A log2(e)
     h = np.empty((nstate, block), dtype)
     # (time, channel) tiles; the work per (time, channel) runs over them as flat arrays.
-    # Zeroed once, so that the unused columns of a partial block never hold garbage (such as slow denormals).
+    # Zeroed once: see scan_backward (the columns from nc on of a partial block).
     zb = np.zeros((chunk, block), dtype)  # delta
     ub = np.zeros((chunk, block), dtype)
     dtb = np.empty((chunk, block), dtype)
@@ -662,7 +662,7 @@ def scan_forward(
 # --------------------------------------------------------------------------------------------------------------------
 STATE_LANES = 16  #: the d_state that :func:`scan_forward_state_lanes` is specialised for
 STATE_LANES_PAIR = 2  #: channels advanced together: a work item of :func:`scan_forward_state_lanes`
-ROW_SPAN = 256  #: time steps per row pass of :func:`scan_forward_state_lanes` (rounded down to whole chunks)
+ROW_SPAN = 256  #: time steps per row pass of :func:`scan_forward_state_lanes` (whole chunks, at least one)
 
 
 def state_lanes_apply(nstate: int, channels: int, groups: int) -> bool:
@@ -785,15 +785,17 @@ def scan_backward(
     hs = np.empty((chunk, nstate, block), dtype)  # h_{t-1} for each step of the chunk
     decay = np.empty((chunk, nstate, block), dtype)  # a_t
     # (time, channel) tiles; the work per (time, channel) runs over them as flat arrays.
-    # Zeroed once, so that the unused columns of a partial block never hold garbage (such as slow denormals).
+    # In a partial block the columns from nc on are never written by the transposes and the adjoint loop, yet the flat
+    # loops compute on them (their results are never written out or summed): zeroed once, they hold zeros or an
+    # earlier item's values, never uninitialised memory (which could hold slow denormals).
     zb = np.zeros((chunk, block), dtype)  # delta, then its gradient
     ub = np.zeros((chunk, block), dtype)
     gyb = np.zeros((chunk, block), dtype)
     dtb = np.empty((chunk, block), dtype)
     dub = np.empty((chunk, block), dtype)  # dt * u
     slopeb = np.empty((chunk, block), dtype)  # softplus'(delta + delta_bias)
-    gbb = np.empty((chunk, block), dtype)  # <g_t, B_t>, then the gradient of u
-    gab = np.empty((chunk, block), dtype)  # <g_t, A a_t h_{t-1}>
+    gbb = np.zeros((chunk, block), dtype)  # <g_t, B_t>, then the gradient of u
+    gab = np.zeros((chunk, block), dtype)  # <g_t, A a_t h_{t-1}>
     bias_tile = np.empty((chunk, block), dtype)
     skip_tile = np.empty((chunk, block), dtype)  # D
     gd_sums = np.empty((chunk, block), dtype)  # per-element sums over the chunks, reduced over time at the end
@@ -832,7 +834,6 @@ def scan_backward(
             _transpose(delta[bi], c0, t0, nc, nt, zb, 0, 0)
             _transpose(u[bi], c0, t0, nc, nt, ub, 0, 0)
             _transpose(gy[bi], c0, t0, nc, nt, gyb, 0, 0)
-            # In a partial block the columns from nc on hold stale values: computed on, never written out.
             size = nt * block
             if use_softplus:
                 _step_sizes_and_slopes(z_flat, bias_flat, size, dt_flat, slope_flat)
