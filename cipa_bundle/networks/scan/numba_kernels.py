@@ -163,13 +163,15 @@ _LN2_LO = np.float32(-2.12194440e-4)  # ln 2 - _LN2_HI
 # result overflows to inf. The clamps keep k + 126 inside the normal exponent range [1, 254].
 _EXP_LO = np.float32(-86.5)
 _EXP_HI = np.float32(89.0)
-_P0 = np.float32(2.0)
-_P1 = np.float32(2.0000000689)
-_P2 = np.float32(0.99999984)
-_P3 = np.float32(0.3333284)
-_P4 = np.float32(0.08333645)
-_P5 = np.float32(0.01674963)
-_P6 = np.float32(0.00276737)
+_EXP_POLYNOMIAL = (
+    np.float32(2.0),
+    np.float32(2.0000000689),
+    np.float32(0.99999984),
+    np.float32(0.3333284),
+    np.float32(0.08333645),
+    np.float32(0.01674963),
+    np.float32(0.00276737),
+)
 
 
 @intrinsic
@@ -186,6 +188,19 @@ def _exponent_bits_to_float(typingctx, shifted):
     return types.float32(types.float32), codegen
 
 
+@njit(inline="always", **_HELPER_OPTIONS)
+def _polynomial_times_power_of_two(coefficients, r, shifted):  # pragma: no cover - compiled
+    """``p(r) * 2^(e - 127)``: ``p`` of degree 6 by Horner (``coefficients[0]`` is the constant term), ``e`` the
+    exponent field held in ``shifted``'s low mantissa bits (see above)."""
+    p = coefficients[6] * r + coefficients[5]
+    p = p * r + coefficients[4]
+    p = p * r + coefficients[3]
+    p = p * r + coefficients[2]
+    p = p * r + coefficients[1]
+    p = p * r + coefficients[0]
+    return p * _exponent_bits_to_float(shifted)
+
+
 def _exp_f32(x):
     # 'x < lo' is False for NaN, so a NaN goes through unchanged and comes out as NaN.
     xc = _EXP_LO if x < _EXP_LO else x
@@ -194,13 +209,7 @@ def _exp_f32(x):
     k = shifted - _MAGIC
     r = xc - k * _LN2_HI
     r = r - k * _LN2_LO
-    p = _P6 * r + _P5
-    p = p * r + _P4
-    p = p * r + _P3
-    p = p * r + _P2
-    p = p * r + _P1
-    p = p * r + _P0
-    result = p * _exponent_bits_to_float(shifted)
+    result = _polynomial_times_power_of_two(_EXP_POLYNOMIAL, r, shifted)
     return np.float32(0.0) if x < _EXP_LO else result
 
 
@@ -236,13 +245,15 @@ LOG2E = 1.4426950408889634  #: log2(e): the kernels scale A by it once per chann
 # clamps keep k + 126 inside the normal exponent range [1, 254].
 _EXP2_LO = np.float32(-124.75)
 _EXP2_HI = np.float32(128.5)
-_Q0 = np.float32(2.0)
-_Q1 = np.float32(1.3862943649291992)
-_Q2 = np.float32(0.48045292496681213)
-_Q3 = np.float32(0.11100657284259796)
-_Q4 = np.float32(0.019236978143453598)
-_Q5 = np.float32(0.0026799861807376146)
-_Q6 = np.float32(0.00030691607389599085)
+_EXP2_POLYNOMIAL = (
+    np.float32(2.0),
+    np.float32(1.3862943649291992),
+    np.float32(0.48045292496681213),
+    np.float32(0.11100657284259796),
+    np.float32(0.019236978143453598),
+    np.float32(0.0026799861807376146),
+    np.float32(0.00030691607389599085),
+)
 
 
 def _exp2_f32(x):
@@ -251,13 +262,7 @@ def _exp2_f32(x):
     xc = _EXP2_HI if xc > _EXP2_HI else xc
     shifted = xc + _MAGIC
     r = xc - (shifted - _MAGIC)
-    p = _Q6 * r + _Q5
-    p = p * r + _Q4
-    p = p * r + _Q3
-    p = p * r + _Q2
-    p = p * r + _Q1
-    p = p * r + _Q0
-    result = p * _exponent_bits_to_float(shifted)
+    result = _polynomial_times_power_of_two(_EXP2_POLYNOMIAL, r, shifted)
     return np.float32(0.0) if x < _EXP2_LO else result
 
 
