@@ -23,7 +23,7 @@ applied = retain_freed_memory() if sys.argv[1] == "1" else None
 # pass: each op allocates its output and the previous intermediate is freed.
 x = torch.ones(48 * 2**20 // 4)
 faults = []
-for _ in range(10):
+for _ in range(12):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     a = x * 2.0
     b = a + 1.0
@@ -60,8 +60,13 @@ def test_retained_memory_is_reused_without_page_faults() -> None:
     # glibc's default maps fresh memory for each of the three outputs of every pass, so their pages fault again
     # (all of them with 4 KiB pages; far fewer where transparent huge pages back the allocations).
     assert min(default["faults"][-3:]) > 0
-    # Retained: after a few passes the outputs come from memory the process already has.
-    assert max(retained["faults"][-3:]) < min(pages // 10, min(default["faults"][-3:]) // 10)
+    # Retained: after a few passes the outputs come from memory the process already has. The median of the last five
+    # passes, because the kernel may still unmap or move a retained range behind the process's back now and then (a CI
+    # run once saw one 48 MiB tensor fault again in one late pass: [0, 0, 12288]); what must hold is that the typical
+    # pass reuses memory and that the late passes together fault less than a single default one.
+    late = sorted(retained["faults"][-5:])
+    assert late[2] < pages // 10, retained["faults"]
+    assert sum(late) < min(default["faults"][-5:]), (retained["faults"], default["faults"])
 
 
 @needs_glibc
