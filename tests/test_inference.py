@@ -300,6 +300,19 @@ def test_prepare_input_refuses_what_it_cannot_use(converted: dict[str, Path], tm
     prepared = prepare_input(converted["image"].parent, tmp_path)
     assert prepared.kind == "fused" and prepared.ct == converted["ct"] and prepared.suv == converted["suv_ct"]
     assert prepared.case == "case_a" == case_name(converted["image"])
+    # A damaged or shifted sibling is refused by name, never used beside the image.
+    folder = tmp_path / "case_c"
+    folder.mkdir()
+    (folder / converted["image"].name).write_bytes(converted["image"].read_bytes())
+    (folder / "ct.nii.gz").write_bytes(converted["ct"].read_bytes()[:200])
+    with pytest.raises(CipaInputError, match=r"case case_c: cannot read NIfTI header of .*case_c/ct\.nii\.gz"):
+        prepare_input(folder, tmp_path)
+    ct = nib.load(converted["ct"])
+    shifted = ct.affine.copy()
+    shifted[0, 3] += 0.5
+    nib.save(nib.Nifti1Image(np.asarray(ct.dataobj), shifted), folder / "ct.nii.gz")
+    with pytest.raises(CipaInputError, match=r"ct\.nii\.gz: the CT is not on the grid of the fused image"):
+        prepare_input(folder, tmp_path)
 
 
 def test_checkpoint_architecture_is_read_from_shapes(tmp_path: Path) -> None:

@@ -35,7 +35,7 @@ from typing import Any, Literal
 import numpy as np
 
 from cipa_bundle.errors import CipaInputError
-from cipa_bundle.io.nifti import grid_mismatch
+from cipa_bundle.io.nifti import grid_mismatch, nifti_header
 
 __all__ = ["PreparedInput", "check_datalist", "prepare_input", "case_name", "FUSED_IMAGE", "SUV_ON_CT"]
 
@@ -160,8 +160,8 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise CipaInputError(f"{path}: not readable JSON ({err})") from err
 
 
-def _check_fused(path: Path) -> tuple[int, int, int]:
-    """Shape check and [0, 1] range check of a fused image; returns its spatial shape."""
+def _check_fused(path: Path) -> tuple[tuple[int, int, int], np.ndarray]:
+    """Shape check and [0, 1] range check of a fused image; returns its spatial shape and affine."""
     import nibabel as nib
 
     try:
@@ -185,14 +185,12 @@ def _check_fused(path: Path) -> tuple[int, int, int]:
             f"{path}: fused image values span [{low:g}, {high:g}]; expected windowed CT and scaled SUV in [0, 1] "
             "(cipa-bundle convert output); raw HU / SUV belong in a CT + PET pair"
         )
-    return shape[0], shape[1], shape[2]
+    return (shape[0], shape[1], shape[2]), np.asarray(img.affine, dtype=np.float64)
 
 
-def _same_grid(path: Path, shape: tuple[int, ...], affine: np.ndarray, what: str) -> None:
-    import nibabel as nib
-
-    img = nib.load(os.fspath(path))
-    problem = grid_mismatch(img.shape, img.affine, shape, affine)
+def _same_grid(path: Path, shape: tuple[int, ...], affine: np.ndarray, what: str, case: str) -> None:
+    sibling_shape, sibling_affine = nifti_header(path, case)
+    problem = grid_mismatch(sibling_shape, sibling_affine, shape, affine)
     if problem is not None:
         raise CipaInputError(
             f"{path}: the {what} is not on the grid of the fused image beside it ({what} vs fused image: {problem})"
@@ -201,16 +199,13 @@ def _same_grid(path: Path, shape: tuple[int, ...], affine: np.ndarray, what: str
 
 # --------------------------------------------------------------------------------------------------- the three kinds
 def _prepare_fused(path: Path, source: str) -> PreparedInput:
-    import nibabel as nib
-
-    shape = _check_fused(path)
-    affine = nib.load(os.fspath(path)).affine
+    shape, affine = _check_fused(path)
     folder = path.parent
     ct = folder / "ct.nii.gz" if (folder / "ct.nii.gz").is_file() else None
     suv = folder / SUV_ON_CT if (folder / SUV_ON_CT).is_file() else None
     for sibling, what in ((ct, "CT"), (suv, "SUV on the CT grid")):
         if sibling is not None:
-            _same_grid(sibling, shape, affine, what)
+            _same_grid(sibling, shape, affine, what, case_name(path))
     provenance = _read_json(folder / "provenance.json") if (folder / "provenance.json").is_file() else {}
     return PreparedInput("fused", source, case_name(path), path, ct, suv, provenance)
 
