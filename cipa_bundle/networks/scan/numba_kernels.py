@@ -201,6 +201,22 @@ def _polynomial_times_power_of_two(coefficients, r, shifted):  # pragma: no cove
     return p * _exponent_bits_to_float(shifted)
 
 
+def _compile_per_dtype(function, float32_version, float64_version) -> None:
+    """Make ``function`` compile, inside numba code, to ``float32_version`` or ``float64_version`` by argument dtype.
+
+    All three take one argument named ``x`` (numba's overloads require the names to match).
+    """
+
+    def typer(x):
+        if x == types.float32:
+            return float32_version
+        if x == types.float64:
+            return float64_version
+        return None
+
+    overload(function, jit_options=_HELPER_OPTIONS)(typer)
+
+
 def _exp_f32(x):
     # 'x < lo' is False for NaN, so a NaN goes through unchanged and comes out as NaN.
     xc = _EXP_LO if x < _EXP_LO else x
@@ -222,13 +238,7 @@ def fast_exp(x: float) -> float:
     return math.exp(x)
 
 
-@overload(fast_exp, jit_options=_HELPER_OPTIONS)
-def _fast_exp_overload(x):
-    if x == types.float32:
-        return _exp_f32
-    if x == types.float64:
-        return _exp_f64
-    return None
+_compile_per_dtype(fast_exp, _exp_f32, _exp_f64)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -275,13 +285,7 @@ def fast_exp2(x: float) -> float:
     return math.exp2(x)
 
 
-@overload(fast_exp2, jit_options=_HELPER_OPTIONS)
-def _fast_exp2_overload(x):
-    if x == types.float32:
-        return _exp2_f32
-    if x == types.float64:
-        return _exp2_f64
-    return None
+_compile_per_dtype(fast_exp2, _exp2_f32, _exp2_f64)
 
 
 # softplus exactly as torch.nn.functional.softplus (beta 1, threshold 20): z above 20 is returned as is.
@@ -307,57 +311,45 @@ def _log1p_unit_f32(w):  # pragma: no cover - compiled
     return _LN2_F32 + atanh2 if big else atanh2
 
 
-def _softplus_f32(z):
+def _softplus_f32(x):
     # The slope computed alongside is unused here, and LLVM removes it.
-    return softplus_with_slope(z)[0]
+    return softplus_with_slope(x)[0]
 
 
-def _softplus_f64(z):
-    return z if z > _SOFTPLUS_THRESHOLD else math.log1p(math.exp(z))
+def _softplus_f64(x):
+    return x if x > _SOFTPLUS_THRESHOLD else math.log1p(math.exp(x))
 
 
-def softplus(z: float) -> float:
-    """torch's ``softplus(z)`` (threshold 20); compiled per dtype inside numba code."""
-    return _softplus_f64(z)
+def softplus(x: float) -> float:
+    """torch's ``softplus(x)`` (threshold 20); compiled per dtype inside numba code."""
+    return _softplus_f64(x)
 
 
-@overload(softplus, jit_options=_HELPER_OPTIONS)
-def _softplus_overload(z):
-    if z == types.float32:
-        return _softplus_f32
-    if z == types.float64:
-        return _softplus_f64
-    return None
+_compile_per_dtype(softplus, _softplus_f32, _softplus_f64)
 
 
-def _softplus_with_slope_f32(z):
-    # max(z, 0) + log1p(exp(-|z|)) equals log1p(exp(z)) but cannot overflow. The same w = exp(-|z|) gives the slope:
-    # sigmoid(z) is 1 / (1 + w) for z >= 0 and w / (1 + w) below.
-    w = fast_exp(-abs(z))
-    value = max(z, np.float32(0.0)) + _log1p_unit_f32(w)
+def _softplus_with_slope_f32(x):
+    # max(x, 0) + log1p(exp(-|x|)) equals log1p(exp(x)) but cannot overflow. The same w = exp(-|x|) gives the slope:
+    # sigmoid(x) is 1 / (1 + w) for x >= 0 and w / (1 + w) below.
+    w = fast_exp(-abs(x))
+    value = max(x, np.float32(0.0)) + _log1p_unit_f32(w)
     reciprocal = np.float32(1.0) / (np.float32(1.0) + w)
-    sigmoid = reciprocal if z >= np.float32(0.0) else w * reciprocal
-    above = z > np.float32(_SOFTPLUS_THRESHOLD)
-    return (z if above else value), (np.float32(1.0) if above else sigmoid)
+    sigmoid = reciprocal if x >= np.float32(0.0) else w * reciprocal
+    above = x > np.float32(_SOFTPLUS_THRESHOLD)
+    return (x if above else value), (np.float32(1.0) if above else sigmoid)
 
 
-def _softplus_with_slope_f64(z):
-    return softplus(z), (1.0 if z > _SOFTPLUS_THRESHOLD else 1.0 / (1.0 + math.exp(-z)))
+def _softplus_with_slope_f64(x):
+    return softplus(x), (1.0 if x > _SOFTPLUS_THRESHOLD else 1.0 / (1.0 + math.exp(-x)))
 
 
-def softplus_with_slope(z: float) -> tuple[float, float]:
-    """``(softplus(z), d softplus / dz)`` as torch computes them: the slope is ``sigmoid(z)``, and exactly 1 above
-    the threshold, where softplus returns ``z`` itself. The float32 version shares one exp between the two."""
-    return _softplus_with_slope_f64(z)
+def softplus_with_slope(x: float) -> tuple[float, float]:
+    """``(softplus(x), d softplus / dx)`` as torch computes them: the slope is ``sigmoid(x)``, and exactly 1 above
+    the threshold, where softplus returns ``x`` itself. The float32 version shares one exp between the two."""
+    return _softplus_with_slope_f64(x)
 
 
-@overload(softplus_with_slope, jit_options=_HELPER_OPTIONS)
-def _softplus_with_slope_overload(z):
-    if z == types.float32:
-        return _softplus_with_slope_f32
-    if z == types.float64:
-        return _softplus_with_slope_f64
-    return None
+_compile_per_dtype(softplus_with_slope, _softplus_with_slope_f32, _softplus_with_slope_f64)
 
 
 def count_items(batch: int, channels: int, groups: int, block: int) -> int:
