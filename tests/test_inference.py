@@ -271,6 +271,46 @@ def test_predict_on_a_ct_pet_nifti_pair(cropped: dict[str, Path], tiny_checkpoin
     assert "probabilities.nii.gz" in report["outputs"]
 
 
+def test_prediction_does_not_depend_on_how_the_voxels_are_stored(
+    cropped: dict[str, Path], tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """The same image stored in other voxel orders (an in-plane flip, the in-plane axes swapped, the slices reversed)
+    describes the same patient, so every physical voxel must get the same probability: a prediction that came back
+    flipped or transposed on the way in or out would differ here. The random network's output varies from voxel to
+    voxel, so even a one-voxel shift would show."""
+    from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
+
+    source = nib.load(cropped["image"])
+    data = np.asarray(source.dataobj)
+    shape = data.shape[:3]
+
+    def stored(order: tuple[int, int, int], flips: tuple[bool, bool, bool]) -> nib.Nifti1Image:
+        # voxel axis a of the new image is axis order[a] of the source, reversed where flips[a]
+        ornt = np.array([[order.index(a), -1 if flips[order.index(a)] else 1] for a in range(3)], dtype=float)
+        array = apply_orientation(data, ornt)
+        return nib.Nifti1Image(array, source.affine @ inv_ornt_aff(ornt, shape))
+
+    probabilities = {}
+    variants = {"as_converted": ((0, 1, 2), (False, False, False)), "flip_i": ((0, 1, 2), (True, False, False)),
+                "swap_ij": ((1, 0, 2), (False, False, False)), "slices_reversed": ((0, 1, 2), (False, False, True))}
+    for name, (order, flips) in variants.items():
+        image = stored(order, flips)
+        path = tmp_path / name / "image.nii.gz"
+        path.parent.mkdir()
+        nib.save(image, path)
+        written = predict(path, tmp_path / f"out_{name}", tiny_checkpoint, overrides=NO_POSTPROCESSING,
+                          probabilities=True, progress=False)
+        result = nib.load(written["probabilities"])
+        assert np.allclose(result.affine, image.affine, atol=1e-6)
+        # back to the converted image's voxel order, through the affines alone
+        back = ornt_transform(io_orientation(result.affine), io_orientation(source.affine))
+        probabilities[name] = apply_orientation(np.asarray(result.dataobj), back)
+    reference = probabilities.pop("as_converted")
+    assert reference.shape == shape and reference.std() > 1e-3  # the network's output does vary across voxels
+    for name, values in probabilities.items():
+        np.testing.assert_allclose(values, reference, rtol=0, atol=1e-5, err_msg=name)
+
+
 def test_bad_input_exits_with_code_2_and_one_line(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
     from cipa_bundle.cli import main
 
