@@ -236,6 +236,39 @@ def test_missing_slice_is_non_uniform_spacing(tmp_path: Path) -> None:
         dicom.read_series(folder)
 
 
+def test_gaps_that_add_up_off_the_grid_are_non_uniform_spacing(tmp_path: Path) -> None:
+    # 20 gaps: ten of 1.984 mm, then ten of 2.016 mm. Each is within 1 % of the median (2 mm), but slice 10 sits
+    # 0.16 mm below where the affine's uniform 2 mm grid puts it.
+    heights = np.concatenate([[0.0], np.cumsum([1.984] * 10 + [2.016] * 10)])
+
+    def drift(k: int, ds: Dataset) -> None:
+        ds.ImagePositionPatient = [0.0, 0.0, float(heights[k])]
+
+    with pytest.raises(dicom.NonUniformSpacingError,
+                       match=r"CT_0010.dcm: ImagePositionPatient \(0020,0032\) lies -0.16 mm .* slice 10's place"):
+        dicom.read_series(_write(tmp_path, per_slice=drift, shape=(3, 3, 21)))
+
+
+@pytest.mark.parametrize(
+    ("tag", "vr", "raw", "message"),
+    [
+        (0x00181120, "DS", b"n/a ", r"GantryDetectorTilt \(0018,1120\) = 'n/a'; expected a finite number"),
+        (0x00280008, "IS", b"one ", r"NumberOfFrames \(0028,0008\) = 'one'; expected an integer"),
+        (0x00281053, "DS", b"x ", r"RescaleSlope \(0028,1053\) = 'x'; expected a finite number other than 0"),
+    ],
+)
+def test_unreadable_numbers_name_the_file_and_tag(tmp_path: Path, tag: int, vr: str, raw: bytes, message: str) -> None:
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    def spoil(k: int, ds: Dataset) -> None:
+        if k == 2:
+            ds[Tag(tag)] = RawDataElement(Tag(tag), vr, len(raw), raw, 0, False, True)
+
+    with pytest.raises(dicom.UnsupportedImageError, match="CT_0002.dcm: " + message):
+        dicom.read_series(_write(tmp_path, per_slice=spoil))
+
+
 def test_duplicate_positions_rejected(tmp_path: Path) -> None:
     def dup(k: int, ds: Dataset) -> None:
         if k == 2:

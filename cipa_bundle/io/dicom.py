@@ -25,7 +25,10 @@ Tolerances (documented here, used below):
 * Gantry tilt: between neighbouring slices the in-plane drift of IPP must be at most
   ``1e-3 x gap + 1e-3`` mm (about 0.06 degrees), and GantryDetectorTilt (0018,1120) must be 0 within 1e-3 degrees.
 * Uniform spacing: every gap must be within 1% of the median gap (and within 0.01 mm for gaps under 1 mm), the
-  tolerance in the project's PET-CT notes; a missing slice therefore fails.
+  tolerance in the project's PET-CT notes; a missing slice therefore fails. Every slice must also lie within that
+  tolerance of its place on the uniform grid the affine describes, so that small deviations cannot add up.
+* Numeric tags that cannot be parsed (NumberOfFrames, GantryDetectorTilt, RescaleSlope, PixelPaddingValue, ...)
+  raise an error naming the file and the tag.
 """
 
 from __future__ import annotations
@@ -245,6 +248,32 @@ def _floats(ds: Dataset, keyword: str, tag: str, count: int, path: Path) -> np.n
     return values
 
 
+def _number(
+    ds: Dataset, keyword: str, tag: str, path: Path, *, integer: bool = False, expected: str | None = None
+) -> float | int | None:
+    """A numeric tag's value (``None`` when absent or empty), or an UnsupportedImageError naming the file and tag.
+
+    Args:
+        ds: the instance.
+        keyword: pydicom keyword of the tag.
+        tag: the tag as ``(gggg,eeee)``, for the message.
+        path: the instance's file, for the message.
+        integer: parse as an integer (IS, US) instead of a finite float (DS).
+        expected: what the message says was expected, when not simply a number.
+    """
+    value = ds.get(keyword)
+    if value is None or str(value).strip() == "":
+        return None
+    try:
+        number = int(value) if integer else float(value)
+    except (TypeError, ValueError, OverflowError):
+        number = None
+    if number is None or (not integer and not math.isfinite(number)):
+        wanted = expected or ("an integer" if integer else "a finite number")
+        raise UnsupportedImageError(f"{path}: {keyword} {tag} = {str(value)!r}; expected {wanted}")
+    return number
+
+
 def sort_and_measure(
     datasets: Sequence[Dataset], files: Sequence[Path]
 ) -> tuple[list[int], np.ndarray]:
@@ -268,15 +297,14 @@ def sort_and_measure(
     spacings = [_floats(ds, "PixelSpacing", "(0028,0030)", 2, p) for ds, p in zip(datasets, paths)]
 
     for ds, p in zip(datasets, paths):
-        frames = ds.get("NumberOfFrames")
-        if frames is not None and int(frames) > 1:
+        frames = _number(ds, "NumberOfFrames", "(0028,0008)", p, integer=True)
+        if frames is not None and frames > 1:
             raise UnsupportedImageError(f"{p}: NumberOfFrames (0028,0008) = {frames}; expected single-frame images")
-        if int(ds.get("SamplesPerPixel", 1)) != 1:
-            raise UnsupportedImageError(
-                f"{p}: SamplesPerPixel (0028,0002) = {ds.SamplesPerPixel}; expected 1 (greyscale)"
-            )
-        tilt = ds.get("GantryDetectorTilt")
-        if tilt not in (None, "") and abs(float(tilt)) > _GANTRY_TILT_TOL_DEG:
+        samples = _number(ds, "SamplesPerPixel", "(0028,0002)", p, integer=True)
+        if samples not in (None, 1):
+            raise UnsupportedImageError(f"{p}: SamplesPerPixel (0028,0002) = {samples}; expected 1 (greyscale)")
+        tilt = _number(ds, "GantryDetectorTilt", "(0018,1120)", p)
+        if tilt is not None and abs(tilt) > _GANTRY_TILT_TOL_DEG:
             raise GantryTiltError(
                 f"{p}: GantryDetectorTilt (0018,1120) = {tilt}; expected 0 (tilted acquisitions are not resampled)"
             )
@@ -321,8 +349,12 @@ def sort_and_measure(
 
     row_spacing, col_spacing = float(spacings[0][0]), float(spacings[0][1])
     if len(order) == 1:
-        thickness = datasets[0].get("SpacingBetweenSlices") or datasets[0].get("SliceThickness") or 1.0
-        slice_spacing = abs(float(thickness)) or 1.0
+        thickness = (
+            _number(datasets[0], "SpacingBetweenSlices", "(0018,0088)", first)
+            or _number(datasets[0], "SliceThickness", "(0018,0050)", first)
+            or 1.0
+        )
+        slice_spacing = abs(thickness)
     else:
         gaps = np.diff(sorted_heights)
         for n, gap in enumerate(gaps):
@@ -351,6 +383,16 @@ def sort_and_measure(
                 "spacing (is a slice missing?)"
             )
         slice_spacing = float((sorted_heights[-1] - sorted_heights[0]) / (len(order) - 1))
+        # Gaps within tolerance one by one can still add up (slightly short gaps, then slightly long ones): the affine
+        # puts slice k at first + k * spacing, so every slice must also lie that close to where the affine puts it.
+        off_grid = sorted_heights - (sorted_heights[0] + slice_spacing * np.arange(len(order)))
+        worst = int(np.argmax(np.abs(off_grid)))
+        if abs(off_grid[worst]) > tol:
+            raise NonUniformSpacingError(
+                f"{paths[order[worst]]}: ImagePositionPatient (0020,0032) lies {off_grid[worst]:+.4g} mm along the "
+                f"slice normal from slice {worst}'s place on a uniform grid of {slice_spacing:.4g} mm spacing (more "
+                f"than {tol:.3g} mm); expected uniform slice spacing"
+            )
 
     lps = np.eye(4)
     lps[:3, 0] = row * col_spacing  # i runs along a row, i.e. across columns
@@ -363,19 +405,13 @@ def sort_and_measure(
 # ---------------------------------------------------------------------------------------------------- pixels
 def _rescale(ds: Dataset, keyword: str, tag: str, default: float, path: Path) -> float:
     """RescaleSlope/RescaleIntercept as a float (``default`` when absent or empty)."""
-    value = ds.get(keyword)
-    if value is None or str(value).strip() == "":
+    expected = "a finite number" + (" other than 0" if keyword == "RescaleSlope" else "")
+    number = _number(ds, keyword, tag, path, expected=expected)
+    if number is None:
         return default
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = math.nan
-    if not math.isfinite(number) or (keyword == "RescaleSlope" and number == 0):
-        raise UnsupportedImageError(
-            f"{path}: {keyword} {tag} = {str(value)!r}; expected a finite number"
-            + (" other than 0" if keyword == "RescaleSlope" else "")
-        )
-    return number
+    if keyword == "RescaleSlope" and number == 0:
+        raise UnsupportedImageError(f"{path}: {keyword} {tag} = {str(ds.get(keyword))!r}; expected {expected}")
+    return float(number)
 
 
 def _modality_values(ds: Dataset, path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -397,14 +433,13 @@ def _modality_values(ds: Dataset, path: Path) -> tuple[np.ndarray, np.ndarray]:
     return stored, stored.astype(np.float64) * slope + intercept
 
 
-def _ct_air(stored: np.ndarray, hu: np.ndarray, ds: Dataset) -> np.ndarray:
+def _ct_air(stored: np.ndarray, hu: np.ndarray, ds: Dataset, path: Path) -> np.ndarray:
     """Set CT padding (PixelPaddingValue..PixelPaddingRangeLimit, in stored units) and HU below air to air."""
     out = np.maximum(hu, AIR_HU)
-    pad = ds.get("PixelPaddingValue")
-    if pad is not None and pad != "":
-        limit = ds.get("PixelPaddingRangeLimit")
-        lo, hi = (int(pad), int(limit)) if limit not in (None, "") else (int(pad), int(pad))
-        lo, hi = min(lo, hi), max(lo, hi)
+    pad = _number(ds, "PixelPaddingValue", "(0028,0120)", path, integer=True)
+    if pad is not None:
+        limit = _number(ds, "PixelPaddingRangeLimit", "(0028,0121)", path, integer=True)
+        lo, hi = (pad, pad) if limit is None else (min(pad, limit), max(pad, limit))
         out[(stored >= lo) & (stored <= hi)] = AIR_HU
     return out
 
@@ -465,7 +500,7 @@ def read_series(
     for k, (ds, path) in enumerate(zip(datasets, files)):
         stored, values = _modality_values(ds, path)
         if mod == "CT":
-            values = _ct_air(stored, values, ds)
+            values = _ct_air(stored, values, ds, path)
         array[:, :, k] = values.T  # DICOM pixel rows are j, columns are i
         if not keep_pixel_data and "PixelData" in ds:
             del ds.PixelData
