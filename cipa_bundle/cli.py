@@ -12,6 +12,11 @@ from typing import Any
 __all__ = ["main", "Commands"]
 
 
+def _uid(value: Any) -> str | None:
+    """A SeriesInstanceUID from the command line: fire reads "1.2" as the float 1.2, but a UID is a name."""
+    return None if value is None else str(value)
+
+
 class Commands:
     """CIPA PET-CT lung tumour segmentation (MONAI bundle) command line."""
 
@@ -110,6 +115,8 @@ class Commands:
         studies_dir: str | None = None,
         case_id: str | None = None,
         label: str | None = None,
+        ct_series: str | None = None,
+        pet_series: str | None = None,
     ) -> dict[str, str]:
         """Convert a DICOM PET-CT study to ct/suv/suv_ct/image NIfTIs and provenance.json (PET resampled onto CT).
 
@@ -122,12 +129,15 @@ class Commands:
                 with a label, STUDIES_DIR/labels/final/CASE_ID.nii.gz. An existing case with other content is refused.
             case_id: the case's name in STUDIES_DIR (default: the name of OUT_DIR).
             label: tumour mask NIfTI on the CT grid for STUDIES_DIR (default: OUT_DIR/label.nii.gz if it exists).
+            ct_series: SeriesInstanceUID of the CT series, when the folder holds several CT volumes.
+            pet_series: SeriesInstanceUID of the PET series, when the folder holds several PET series.
         """
         from cipa_bundle.preprocessing.convert import convert_study
 
         # fire turns "--case_id 12" into the int 12; a case id is a name.
         case = None if case_id is None else str(case_id)
-        written = convert_study(study_dir, out_dir, register, kind, studies_dir=studies_dir, case_id=case, label=label)
+        written = convert_study(study_dir, out_dir, register, kind, studies_dir=studies_dir, case_id=case, label=label,
+                                ct_series=_uid(ct_series), pet_series=_uid(pet_series))
         return {k: str(v) for k, v in written.items()}
 
     def predict(
@@ -147,6 +157,8 @@ class Commands:
         kind: str = "bw",
         override: dict[str, Any] | None = None,
         keep_intermediate: bool = False,
+        ct_series: str | None = None,
+        pet_series: str | None = None,
     ) -> dict[str, str]:
         """Segment lung tumours in one study: mask.nii.gz, seg.dcm (DICOM input), PNG overlays and report.json.
 
@@ -164,6 +176,8 @@ class Commands:
             kind: DICOM input: SUV normalisation bw, lbm or bsa.
             override: more inference.json ids, e.g. "{'min_lesion_ml': 0.5}".
             keep_intermediate: keep the converted inputs in OUT_DIR/intermediate.
+            ct_series: DICOM input: SeriesInstanceUID of the CT series, when the study holds several CT volumes.
+            pet_series: DICOM input: SeriesInstanceUID of the PET series, when the study holds several PET series.
         """
         from cipa_bundle.inference.predict import predict
 
@@ -171,7 +185,7 @@ class Commands:
             input, out_dir, checkpoint, pet=pet, img_size=img_size, network_width=network_width,
             encoder_depths=encoder_depths, decoder_depths=decoder_depths, sw_batch_size=sw_batch_size,
             probabilities=probabilities, device=device, register=register, suv_kind=kind, overrides=override,
-            keep_intermediate=keep_intermediate,
+            keep_intermediate=keep_intermediate, ct_series=_uid(ct_series), pet_series=_uid(pet_series),
         )
         return {k: str(v) for k, v in written.items()}
 

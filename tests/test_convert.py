@@ -171,9 +171,58 @@ def test_bad_arguments_and_layouts(tmp_path: Path, clean_case: Path) -> None:
         ds.SeriesInstanceUID = series_uid
         ds.SOPInstanceUID = pydicom.uid.generate_uid(entropy_srcs=[path.name, "copy"])
         ds.save_as(doubled / "pet" / ("copy_" + path.name))
-    with pytest.raises(StudyLayoutError, match="2 PET series"):
+    with pytest.raises(StudyLayoutError, match="2 PET series.*choose one with pet_series=<SeriesInstanceUID>"):
         convert_study(doubled, tmp_path / "o", progress=False)
     assert not (tmp_path / "o").exists()
+    with pytest.raises(StudyLayoutError, match="pet_series=1.2.3 is not a PET series"):
+        convert_study(doubled, tmp_path / "o", progress=False, pet_series="1.2.3")
+    assert not (tmp_path / "o").exists()
+
+
+def _copy_series(source: Path, target: Path, name: str, edit) -> str:  # noqa: ANN001
+    """Every file of ``source`` as a new series in ``target`` (new UIDs), after ``edit(ds)``; returns its UID."""
+    series_uid = pydicom.uid.generate_uid(entropy_srcs=[name])
+    target.mkdir(parents=True)
+    for path in sorted(source.glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = pydicom.uid.generate_uid(entropy_srcs=[path.name, name])
+        edit(ds)
+        ds.save_as(target / path.name)
+    return series_uid
+
+
+def test_scouts_and_uncorrected_pet_are_set_aside_and_uids_choose(tmp_path: Path, clean_case: Path) -> None:
+    reference = convert_study(clean_case, tmp_path / "reference", progress=False)
+    study = tmp_path / "export"
+    shutil.copytree(clean_case / "dicom", study)
+    # A scout: one CT image of ImageType LOCALIZER in a series of its own, as scanner exports have.
+    scout = _copy_series(study / "ct", tmp_path / "scout_all", "scout",
+                         lambda ds: setattr(ds, "ImageType", ["ORIGINAL", "PRIMARY", "LOCALIZER"]))
+    (study / "scout").mkdir()
+    shutil.move(sorted((tmp_path / "scout_all").glob("*.dcm"))[0], study / "scout" / "scout.dcm")
+    # The same PET without attenuation correction (here: the same pixels, CorrectedImage without ATTN).
+    nac = _copy_series(study / "pet", study / "pet_nac", "nac", lambda ds: setattr(ds, "CorrectedImage", ["DECY"]))
+    out = convert_study(study, tmp_path / "out", progress=False)
+    for key in ("ct", "suv"):
+        assert np.array_equal(np.asarray(nib.load(out[key]).dataobj), np.asarray(nib.load(reference[key]).dataobj))
+    provenance = json.loads(out["provenance"].read_text())
+    reference_provenance = json.loads(reference["provenance"].read_text())
+    assert provenance["ct"]["series_uid"] == reference_provenance["ct"]["series_uid"] != scout
+    assert provenance["pet"]["series_uid"] == reference_provenance["pet"]["series_uid"] != nac
+    # Asked for by UID, the uncorrected PET is the one read, and the SUV conversion refuses it (E9).
+    with pytest.raises(CipaInputError, match=r"pet_nac/PT_0000.dcm: \[E9\] image not attenuation/decay corrected"):
+        convert_study(study, tmp_path / "nac_out", progress=False, pet_series=nac)
+    assert not (tmp_path / "nac_out").exists()
+    with pytest.raises(SystemExit) as info:  # the same through the command line
+        main(["convert", str(study), str(tmp_path / "nac_out"), "--pet_series", nac])
+    assert info.value.code == 2
+    # A scout alone is no CT volume.
+    only_scout = tmp_path / "only_scout"
+    shutil.copytree(study / "pet", only_scout / "pet")
+    shutil.copytree(study / "scout", only_scout / "scout")
+    with pytest.raises(StudyLayoutError, match="no CT series .* other than localizers"):
+        convert_study(only_scout, tmp_path / "o", progress=False)
 
 
 def test_cli_phantom_verb(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

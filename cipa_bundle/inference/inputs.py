@@ -261,16 +261,17 @@ def _prepare_pair(ct_path: Path, pet_path: Path, work_dir: Path, source: str) ->
 
 
 def _prepare_dicom(study: Path, work_dir: Path, source: str, register: str, suv_kind: str,
-                   progress: bool) -> PreparedInput:
+                   progress: bool, ct_series: str | None, pet_series: str | None) -> PreparedInput:
     import nibabel as nib
     import pydicom
 
     from cipa_bundle.io.dicom import sort_and_measure
     from cipa_bundle.preprocessing.convert import convert_study, find_study_series
 
-    paths = convert_study(study, work_dir, register, suv_kind, progress=progress)
+    paths = convert_study(study, work_dir, register, suv_kind, progress=progress, ct_series=ct_series,
+                          pet_series=pet_series)
     # The SEG needs the CT headers in the converter's slice order; headers alone are enough (no pixel data).
-    ct_files, _ = find_study_series(study)
+    ct_files, _ = find_study_series(study, ct_series, pet_series)
     headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in ct_files]
     order, affine = sort_and_measure(headers, ct_files)
     ct_affine = nib.load(os.fspath(paths["ct"])).affine
@@ -289,6 +290,8 @@ def prepare_input(
     pet: str | os.PathLike[str] | None = None,
     register: str = "none",
     suv_kind: str = "bw",
+    ct_series: str | None = None,
+    pet_series: str | None = None,
     progress: bool = True,
 ) -> PreparedInput:
     """Turn a DICOM study, a CT + PET NIfTI pair or a fused image into the workflow's fused ``image.nii.gz``.
@@ -301,6 +304,8 @@ def prepare_input(
         pet: the PET (SUV) NIfTI when ``input`` is the CT.
         register: DICOM only: ``"none"`` or ``"rigid"`` (see ``convert``).
         suv_kind: DICOM only: ``"bw"``, ``"lbm"`` or ``"bsa"``.
+        ct_series: DICOM only: SeriesInstanceUID of the CT series, where the study holds several.
+        pet_series: DICOM only: SeriesInstanceUID of the PET series, where the study holds several.
         progress: show ``convert``'s progress bar.
 
     Returns:
@@ -349,4 +354,4 @@ def prepare_input(
             work.mkdir(parents=True, exist_ok=True)
             return _prepare_pair(path / ct_name, path / pet_name, work, source)
     work.mkdir(parents=True, exist_ok=True)
-    return _prepare_dicom(path, work, source, register, suv_kind, progress)
+    return _prepare_dicom(path, work, source, register, suv_kind, progress, ct_series, pet_series)

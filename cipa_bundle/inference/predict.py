@@ -250,6 +250,8 @@ def predict(
     device: str | None = None,
     register: str = "none",
     suv_kind: str = "bw",
+    ct_series: str | None = None,
+    pet_series: str | None = None,
     overrides: Mapping[str, Any] | None = None,
     config_file: str | os.PathLike[str] | None = None,
     keep_intermediate: bool = False,
@@ -271,6 +273,8 @@ def predict(
         device: torch device, e.g. ``"cpu"`` or ``"cuda:0"``; default the config's (CUDA when available).
         register: DICOM input: ``"none"`` or ``"rigid"`` PET->CT registration.
         suv_kind: DICOM input: ``"bw"``, ``"lbm"`` or ``"bsa"``.
+        ct_series: DICOM input: SeriesInstanceUID of the CT series, where the study holds several.
+        pet_series: DICOM input: SeriesInstanceUID of the PET series, where the study holds several.
         overrides: more ``inference.json`` ids, e.g. ``{"min_lesion_ml": 0.5}``.
         config_file: inference config; default ``<bundle>/configs/inference.json``.
         keep_intermediate: keep the converted inputs in ``out_dir/intermediate`` (else a temporary folder, removed).
@@ -304,7 +308,7 @@ def predict(
     work = out / "intermediate" if keep_intermediate else Path(tempfile.mkdtemp(prefix=".cipa-work-", dir=out))
     try:
         prepared = prepare_input(input, work / "input", pet=pet, register=register, suv_kind=suv_kind,
-                                 progress=progress)
+                                 ct_series=ct_series, pet_series=pet_series, progress=progress)
         timings["prepare"] = time.perf_counter() - start
 
         mark = time.perf_counter()

@@ -47,6 +47,7 @@ import os
 import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -85,17 +86,46 @@ class StudyLayoutError(CipaInputError):
     """The study folder does not hold exactly one CT and one PET image series."""
 
 
-def find_study_series(study_dir: str | os.PathLike[str]) -> tuple[list[Path], list[Path]]:
+@dataclass(frozen=True)
+class _SeriesSummary:
+    """What the series chooser needs from a series' first header."""
+
+    uid: str
+    modality: str
+    description: str
+    files: list[Path]
+    localizer: bool  # ImageType (0008,0008) has LOCALIZER: a scout, not a volume
+    attenuation_corrected: bool  # CorrectedImage (0028,0051) has ATTN
+
+    def describe(self) -> str:
+        kind = ", localizer" if self.localizer else ""
+        kind += ", attenuation-corrected" if self.attenuation_corrected else ""
+        name = f" '{self.description}'" if self.description else ""
+        return f"{self.modality or '?'} series {self.uid}{name} ({len(self.files)} files{kind})"
+
+
+def find_study_series(
+    study_dir: str | os.PathLike[str], ct_series: str | None = None, pet_series: str | None = None
+) -> tuple[list[Path], list[Path]]:
     """The files of the study's CT series and PET series.
+
+    Without a choice the study must hold one CT volume and one PET series. Two kinds of extra series, common in
+    scanner exports, are set aside on their own: CT localizers (scouts: ImageType (0008,0008) contains LOCALIZER)
+    and, when exactly one PET series is attenuation-corrected (CorrectedImage (0028,0051) contains ATTN), the PET
+    series that are not (non-attenuation-corrected PET has no meaningful SUV). Anything else that is ambiguous is
+    refused with a list of the series found, and ``ct_series`` / ``pet_series`` pick one by SeriesInstanceUID.
 
     Args:
         study_dir: folder searched recursively (e.g. ``<case>/dicom`` or ``<case>``).
+        ct_series: SeriesInstanceUID of the CT series to use (default: chosen as above).
+        pet_series: SeriesInstanceUID of the PET series to use (default: chosen as above).
 
     Returns:
         ``(ct_files, pet_files)`` (unsorted; the reader orders slices by position).
 
     Raises:
-        StudyLayoutError: no CT or no PET series, or more than one of either (the message lists what was found).
+        StudyLayoutError: no CT or no PET series, several that the rules above cannot tell apart, or a chosen UID
+            that is not a series of that modality in the folder (the message lists what was found).
         NoSeriesFoundError: ``study_dir`` is not a folder.
     """
     import pydicom
@@ -103,31 +133,45 @@ def find_study_series(study_dir: str | os.PathLike[str]) -> tuple[list[Path], li
     from cipa_bundle.io.dicom import find_series
 
     root = Path(study_dir)
-    groups = find_series(root)
-    by_modality: dict[str, list[tuple[str, list[Path]]]] = {}
-    for uid, files in groups.items():
-        modality = str(pydicom.dcmread(files[0], stop_before_pixels=True).get("Modality", ""))
-        by_modality.setdefault(modality, []).append((uid, files))
+    summaries = []
+    for uid, files in find_series(root).items():
+        ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+        image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+        corrected = [str(v).upper() for v in (ds.get("CorrectedImage") or [])]
+        summaries.append(_SeriesSummary(
+            uid, str(ds.get("Modality", "")), str(ds.get("SeriesDescription", "")).strip(), files,
+            "LOCALIZER" in image_type, "ATTN" in corrected,
+        ))
+    found = "; ".join(s.describe() for s in summaries) or "no DICOM image series"
 
-    def found() -> str:
-        listing = [f"{m or '?'} series {uid} ({len(f)} files)" for m, items in by_modality.items() for uid, f in items]
-        return "; ".join(listing) if listing else "no DICOM image series"
+    def choose(modality: str, label: str, option: str, uid: str | None) -> list[Path]:
+        series = [s for s in summaries if s.modality == modality]
+        if uid is not None:
+            chosen = [s for s in series if s.uid == str(uid)]
+            if not chosen:
+                raise StudyLayoutError(
+                    f"{root}: {option}={uid} is not a {label} series (Modality (0008,0060) = {modality}) of this "
+                    f"folder; found {found}"
+                )
+            return chosen[0].files
+        candidates = [s for s in series if not (modality == "CT" and s.localizer)]
+        if modality == "PT" and len(candidates) > 1:
+            corrected = [s for s in candidates if s.attenuation_corrected]
+            if len(corrected) == 1:
+                candidates = corrected
+        if len(candidates) == 1:
+            return candidates[0].files
+        if not candidates:
+            what = f"no {label} series (Modality (0008,0060) = {modality})" + (" other than localizers" if series else "")
+            raise StudyLayoutError(f"{root}: {what} found; found {found}; expected one CT and one PET series of the "
+                                   "same PET/CT study")
+        raise StudyLayoutError(
+            f"{root}: {len(candidates)} {label} series (Modality (0008,0060) = {modality}) found: {found}; expected "
+            f"exactly one: choose one with {option}=<SeriesInstanceUID> (--{option} on the command line) or move the "
+            "others out of the study folder"
+        )
 
-    chosen: list[list[Path]] = []
-    for modality, label in (("CT", "CT"), ("PT", "PET")):
-        items = by_modality.get(modality, [])
-        if not items:
-            raise StudyLayoutError(
-                f"{root}: no {label} series (Modality (0008,0060) = {modality}) found; found {found()}; expected "
-                "one CT and one PET series of the same PET/CT study"
-            )
-        if len(items) > 1:
-            raise StudyLayoutError(
-                f"{root}: {len(items)} {label} series (Modality (0008,0060) = {modality}) found: {found()}; expected "
-                f"exactly one (move the others out of the study folder)"
-            )
-        chosen.append(items[0][1])
-    return chosen[0], chosen[1]
+    return choose("CT", "CT", "ct_series", ct_series), choose("PT", "PET", "pet_series", pet_series)
 
 
 def _versions() -> dict[str, str]:
@@ -242,6 +286,8 @@ def convert_study(
     studies_dir: str | os.PathLike[str] | None = None,
     case_id: str | None = None,
     label: str | os.PathLike[str] | None = None,
+    ct_series: str | None = None,
+    pet_series: str | None = None,
 ) -> dict[str, Path]:
     """Convert a DICOM PET-CT study into ``ct``, ``suv``, ``suv_ct``, ``image`` NIfTIs and ``provenance.json``.
 
@@ -263,6 +309,8 @@ def convert_study(
         case_id: the case's name in ``studies_dir``; default the name of ``out_dir``.
         label: ``(I, J, K)`` tumour mask NIfTI on the CT grid, for ``studies_dir``; default ``out_dir/label.nii.gz``
             when that file exists. Copied unchanged (gzipped if it was a plain ``.nii``).
+        ct_series: SeriesInstanceUID of the CT series, where the study holds several (see :func:`find_study_series`).
+        pet_series: SeriesInstanceUID of the PET series, likewise.
 
     Returns:
         ``{"ct": path, "suv": path, "suv_ct": path, "image": path, "provenance": path}``, plus ``"studies_image"``
@@ -314,7 +362,7 @@ def convert_study(
 
     try:
         step(steps[0])
-        ct_files, pet_files = find_study_series(study)
+        ct_files, pet_files = find_study_series(study, ct_series, pet_series)
         bar.update()
         step(steps[1])
         ct = read_series(ct_files, modality="CT")
