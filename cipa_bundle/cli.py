@@ -29,9 +29,13 @@ class Commands:
             batch: batch size of the timed forward pass.
             forward: run a forward pass on random input and report its time and output shape.
         """
+        from cipa_bundle.errors import CipaInputError
         from cipa_bundle.networks.summary import model_summary
 
-        return model_summary(img_size=img_size, dims=dims, batch=batch, forward=forward)
+        try:
+            return model_summary(img_size=img_size, dims=dims, batch=batch, forward=forward)
+        except ValueError as err:  # the network's own argument checks: here they are the user's arguments
+            raise CipaInputError(f"summary: {err}") from err
 
     def demo(self, out_dir: str = "demo_output", cases: int = 8, epochs: int | None = None, seed: int = 0) -> None:
         """The main job: synthetic PET-CT studies -> bundle training -> predict on a held-out DICOM study -> Dice.
@@ -248,10 +252,29 @@ def main(argv: list[str] | None = None) -> None:
     if argv is None:  # a whole process of its own (console script, python -m): see cipa_bundle.runtime
         retain_freed_memory()
     try:
-        fire.Fire(Commands, command=argv, name="cipa-bundle")
-    except CipaInputError as err:
-        print(f"cipa-bundle: error: {err}".replace("\n", " "), file=sys.stderr)
+        # An instance, not the class: fire's help for a class describes its constructor and lists no verbs.
+        fire.Fire(Commands(), command=argv, name="cipa-bundle")
+    except Exception as err:  # noqa: BLE001 - re-raised unless it carries an input error
+        cause = _input_error(err)
+        if cause is None:
+            raise
+        print(f"cipa-bundle: error: {cause}".replace("\n", " "), file=sys.stderr)
         sys.exit(2)
+
+
+def _input_error(err: BaseException) -> BaseException | None:
+    """The CipaInputError that ``err`` is or wraps: MONAI's config parser re-raises errors of the components it
+    instantiates as RuntimeErrors (``raise ... from``), and the user should see the input error, not the wrapper."""
+    from cipa_bundle.errors import CipaInputError
+
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, CipaInputError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 if __name__ == "__main__":

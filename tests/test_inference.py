@@ -311,6 +311,15 @@ def test_prediction_does_not_depend_on_how_the_voxels_are_stored(
         np.testing.assert_allclose(values, reference, rtol=0, atol=1e-5, err_msg=name)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without usable CUDA")
+def test_a_cuda_device_without_cuda_is_refused_before_any_work(cropped: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(CipaInputError, match=r"device 'cuda:0': CUDA is not available here"):
+        predict(cropped["image"], tmp_path / "out", tmp_path / "missing.pt", device="cuda:0", progress=False)
+    with pytest.raises(CipaInputError, match=r"device 'gpu0': .*expected e.g. cpu or cuda:0"):
+        predict(cropped["image"], tmp_path / "out", tmp_path / "missing.pt", device="gpu0", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_input_exits_with_code_2_and_one_line(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
     from cipa_bundle.cli import main
 

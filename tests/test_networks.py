@@ -224,3 +224,27 @@ def test_vmamba_imagenet_weights_load_into_the_encoder(tmp_path):
     assert sorted(missing) == sorted(k for k in receiver.state_dict() if k.startswith("out_norms."))
     donor_state, receiver_state = donor.state_dict(), receiver.state_dict()
     assert all(torch.equal(donor_state[k], receiver_state[k]) for k in donor_state if not k.startswith("out_norms."))
+
+
+def test_cli_help_lists_the_verbs_and_argument_errors_are_one_line(capsys: pytest.CaptureFixture, tmp_path) -> None:
+    from cipa_bundle.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    captured = capsys.readouterr()
+    listed = captured.out + captured.err
+    for verb in ("convert", "predict", "demo", "summary", "import_official", "package", "evaluate"):
+        assert f"\n     {verb}\n" in listed, verb
+    # The network's own check of a bad size, as the user's argument error: one line, exit code 2.
+    with pytest.raises(SystemExit) as info:
+        main(["summary", "--img_size", "100"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["cipa-bundle: error: summary: img_size must be one or two positive multiples of 128, got 100"]
+    # An input error raised inside a MONAI config component arrives wrapped in MONAI's RuntimeError.
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--cases", "1", "--out_dir", str(tmp_path / "demo")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "cipa-bundle: error: synthetic dataset: cases=1; expected at least 3 (train, val, test)"

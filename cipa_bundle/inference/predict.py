@@ -211,6 +211,17 @@ def checkpoint_architecture(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------- predict
+def _require_device(device: str) -> None:
+    """Refuse a device string torch cannot parse, or a CUDA device where this torch has no usable CUDA."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise CipaInputError(f"device {device!r}: {err}; expected e.g. cpu or cuda:0") from err
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        build = f"torch {torch.__version__}" + ("" if torch.version.cuda else ", a CPU-only build")
+        raise CipaInputError(f"device {device!r}: CUDA is not available here ({build}); expected cpu")
+
+
 def _device_name(device: Any) -> str:
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.is_available():
@@ -294,6 +305,8 @@ def predict(
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
+    if device is not None:
+        _require_device(device)
     root = bundle_root()
     config = Path(config_file) if config_file is not None else root / "configs" / "inference.json"
     if not config.is_file():
