@@ -349,6 +349,11 @@ def test_prepare_input_refuses_what_it_cannot_use(converted: dict[str, Path], tm
     prepared = prepare_input(converted["image"].parent, tmp_path)
     assert prepared.kind == "fused" and prepared.ct == converted["ct"] and prepared.suv == converted["suv_ct"]
     assert prepared.case == "case_a" == case_name(converted["image"])
+    # Options that act on DICOM studies only are refused for NIfTI input, not silently ignored.
+    with pytest.raises(CipaInputError, match=r"is a converted image folder; register='rigid' apply to DICOM studies"):
+        prepare_input(converted["image"].parent, tmp_path, register="rigid")
+    with pytest.raises(CipaInputError, match=r"is a CT \+ PET NIfTI pair; suv_kind='lbm', pet_series='1.2.3' apply"):
+        prepare_input((converted["ct"], converted["suv"]), tmp_path, suv_kind="lbm", pet_series="1.2.3")
     # A damaged or shifted sibling is refused by name, never used beside the image.
     folder = tmp_path / "case_c"
     folder.mkdir()

@@ -302,7 +302,8 @@ def prepare_input(
             ``convert`` output folder holding ``image.nii.gz``).
         work_dir: where converted files are written (created). A fused input is used in place.
         pet: the PET (SUV) NIfTI when ``input`` is the CT.
-        register: DICOM only: ``"none"`` or ``"rigid"`` (see ``convert``).
+        register: DICOM only (other inputs with a value other than the default are refused, as for the three
+            options below): ``"none"`` or ``"rigid"`` (see ``convert``).
         suv_kind: DICOM only: ``"bw"``, ``"lbm"`` or ``"bsa"``.
         ct_series: DICOM only: SeriesInstanceUID of the CT series, where the study holds several.
         pet_series: DICOM only: SeriesInstanceUID of the PET series, where the study holds several.
@@ -318,6 +319,16 @@ def prepare_input(
     """
     source = str(input) if isinstance(input, (str, os.PathLike)) else ",".join(map(str, input))
     work = Path(work_dir)
+    dicom_options = {"register": (register, "none"), "suv_kind": (suv_kind, "bw"), "ct_series": (ct_series, None),
+                     "pet_series": (pet_series, None)}
+
+    def not_dicom(what: str) -> None:
+        # These options only act on a DICOM study; ignoring them silently would hide, e.g., a registration that
+        # the user asked for and did not get.
+        given = [f"{name}={value!r}" for name, (value, default) in dicom_options.items() if value != default]
+        if given:
+            raise CipaInputError(f"input {source!r} is {what}; {', '.join(given)} apply to DICOM studies only")
+
     pair: tuple[Path, Path] | None = None
     if pet is not None:
         if not isinstance(input, (str, os.PathLike)):
@@ -335,6 +346,7 @@ def prepare_input(
         pair = (Path(parts[0]), Path(parts[1]))
 
     if pair is not None:
+        not_dicom("a CT + PET NIfTI pair")
         work.mkdir(parents=True, exist_ok=True)
         return _prepare_pair(pair[0], pair[1], work, source)
 
@@ -346,11 +358,14 @@ def prepare_input(
             raise CipaInputError(
                 f"input {path} is a file but not a NIfTI (.nii / .nii.gz); {_EXPECTED} (for DICOM, pass the folder)"
             )
+        not_dicom("a NIfTI file")
         return _prepare_fused(path, source)
     if (path / FUSED_IMAGE).is_file():
+        not_dicom("a converted image folder")
         return _prepare_fused(path / FUSED_IMAGE, source)
     for ct_name, pet_name in _PAIR_NAMES:
         if (path / ct_name).is_file() and (path / pet_name).is_file():
+            not_dicom("a CT + PET NIfTI folder")
             work.mkdir(parents=True, exist_ok=True)
             return _prepare_pair(path / ct_name, path / pet_name, work, source)
     work.mkdir(parents=True, exist_ok=True)
