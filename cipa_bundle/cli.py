@@ -12,8 +12,8 @@ from typing import Any
 __all__ = ["main", "Commands"]
 
 
-def _uid(value: Any) -> str | None:
-    """A SeriesInstanceUID from the command line: fire reads "1.2" as the float 1.2, but a UID is a name."""
+def _name(value: Any) -> str | None:
+    """A name from the command line (case id, SeriesInstanceUID): fire reads "12" as an int and "1.2" as a float."""
     return None if value is None else str(value)
 
 
@@ -138,10 +138,8 @@ class Commands:
         """
         from cipa_bundle.preprocessing.convert import convert_study
 
-        # fire turns "--case_id 12" into the int 12; a case id is a name.
-        case = None if case_id is None else str(case_id)
-        written = convert_study(study_dir, out_dir, register, kind, studies_dir=studies_dir, case_id=case, label=label,
-                                ct_series=_uid(ct_series), pet_series=_uid(pet_series))
+        written = convert_study(study_dir, out_dir, register, kind, studies_dir=studies_dir, case_id=_name(case_id),
+                                label=label, ct_series=_name(ct_series), pet_series=_name(pet_series))
         return {k: str(v) for k, v in written.items()}
 
     def predict(
@@ -189,7 +187,7 @@ class Commands:
             input, out_dir, checkpoint, pet=pet, img_size=img_size, network_width=network_width,
             encoder_depths=encoder_depths, decoder_depths=decoder_depths, sw_batch_size=sw_batch_size,
             probabilities=probabilities, device=device, register=register, suv_kind=kind, overrides=override,
-            keep_intermediate=keep_intermediate, ct_series=_uid(ct_series), pet_series=_uid(pet_series),
+            keep_intermediate=keep_intermediate, ct_series=_name(ct_series), pet_series=_name(pet_series),
         )
         return {k: str(v) for k, v in written.items()}
 

@@ -158,27 +158,6 @@ def test_nothing_half_written_when_a_write_fails(tmp_path: Path, clean_case: Pat
     assert [p.name for p in out.iterdir()] == ["provenance.json"]  # only the obstacle; no NIfTI, no temporaries
 
 
-def test_bad_arguments_and_layouts(tmp_path: Path, clean_case: Path) -> None:
-    with pytest.raises(CipaInputError, match="register='affine'"):
-        convert_study(clean_case, tmp_path / "o", register="affine")
-    with pytest.raises(CipaInputError, match="kind='sul'"):
-        convert_study(clean_case, tmp_path / "o", suv_kind="sul")
-    doubled = tmp_path / "two_pets"
-    shutil.copytree(clean_case / "dicom", doubled)
-    series_uid = pydicom.uid.generate_uid(entropy_srcs=["second PET"])
-    for path in (doubled / "pet").glob("*.dcm"):  # a second PET series: same pixels, new series UID
-        ds = pydicom.dcmread(path)
-        ds.SeriesInstanceUID = series_uid
-        ds.SOPInstanceUID = pydicom.uid.generate_uid(entropy_srcs=[path.name, "copy"])
-        ds.save_as(doubled / "pet" / ("copy_" + path.name))
-    with pytest.raises(StudyLayoutError, match="2 PET series.*choose one with pet_series=<SeriesInstanceUID>"):
-        convert_study(doubled, tmp_path / "o", progress=False)
-    assert not (tmp_path / "o").exists()
-    with pytest.raises(StudyLayoutError, match="pet_series=1.2.3 is not a PET series"):
-        convert_study(doubled, tmp_path / "o", progress=False, pet_series="1.2.3")
-    assert not (tmp_path / "o").exists()
-
-
 def _copy_series(source: Path, target: Path, name: str, edit) -> str:  # noqa: ANN001
     """Every file of ``source`` as a new series in ``target`` (new UIDs), after ``edit(ds)``; returns its UID."""
     series_uid = pydicom.uid.generate_uid(entropy_srcs=[name])
@@ -190,6 +169,22 @@ def _copy_series(source: Path, target: Path, name: str, edit) -> str:  # noqa: A
         edit(ds)
         ds.save_as(target / path.name)
     return series_uid
+
+
+def test_bad_arguments_and_layouts(tmp_path: Path, clean_case: Path) -> None:
+    with pytest.raises(CipaInputError, match="register='affine'"):
+        convert_study(clean_case, tmp_path / "o", register="affine")
+    with pytest.raises(CipaInputError, match="kind='sul'"):
+        convert_study(clean_case, tmp_path / "o", suv_kind="sul")
+    doubled = tmp_path / "two_pets"
+    shutil.copytree(clean_case / "dicom", doubled)
+    _copy_series(doubled / "pet", doubled / "pet_copy", "second PET", lambda ds: None)  # same pixels, new series
+    with pytest.raises(StudyLayoutError, match="2 PET series.*choose one with pet_series=<SeriesInstanceUID>"):
+        convert_study(doubled, tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(StudyLayoutError, match="pet_series=1.2.3 is not a PET series"):
+        convert_study(doubled, tmp_path / "o", progress=False, pet_series="1.2.3")
+    assert not (tmp_path / "o").exists()
 
 
 def test_scouts_and_uncorrected_pet_are_set_aside_and_uids_choose(tmp_path: Path, clean_case: Path) -> None:
