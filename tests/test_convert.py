@@ -220,6 +220,39 @@ def test_scouts_and_uncorrected_pet_are_set_aside_and_uids_choose(tmp_path: Path
         convert_study(only_scout, tmp_path / "o", progress=False)
 
 
+def test_a_scout_inside_the_ct_series_is_set_aside(tmp_path: Path, clean_case: Path) -> None:
+    from cipa_bundle.inference.inputs import prepare_input
+
+    reference = convert_study(clean_case, tmp_path / "reference", progress=False)
+    study = tmp_path / "export"
+    shutil.copytree(clean_case / "dicom", study)
+    ct_files = sorted((study / "ct").glob("*.dcm"))
+    # A coronal scout of another size in the CT series itself, named so that it is the series' first file.
+    scout = pydicom.dcmread(ct_files[0])
+    scout.SOPInstanceUID = pydicom.uid.generate_uid(entropy_srcs=["in-series scout"])
+    scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    scout.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+    scout.Rows, scout.Columns = 40, int(scout.Columns) + 8
+    scout.PixelData = np.full((40, scout.Columns), 1024, dtype=np.int16 if scout.PixelRepresentation else np.uint16).tobytes()
+    scout.save_as(study / "ct" / "000_scout.dcm")
+    out = convert_study(study, tmp_path / "out", progress=False)
+    for key in ("ct", "suv_ct", "image"):
+        assert np.array_equal(np.asarray(nib.load(out[key]).dataobj), np.asarray(nib.load(reference[key]).dataobj))
+    record = json.loads(out["provenance"].read_text())["ct"]
+    assert record["set_aside"] == [os.path.join("ct", "000_scout.dcm")]
+    assert record["files"] == [os.path.relpath(f, study) for f in ct_files]  # slice k is files[k], sorted by z here
+    # The DICOM SEG of a prediction references the volume's instances only, in slice order.
+    prepared = prepare_input(study, tmp_path / "prepared", progress=False)
+    assert [str(ds.SOPInstanceUID) for ds in prepared.ct_datasets] == [
+        str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in ct_files
+    ]
+    # A series of scouts only is no volume, also when read directly.
+    from cipa_bundle.io.dicom import UnsupportedImageError, read_series
+
+    with pytest.raises(UnsupportedImageError, match=r"every instance is a localizer .*000_scout.dcm"):
+        read_series([study / "ct" / "000_scout.dcm"])
+
+
 def test_cli_phantom_verb(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     main(["phantom", str(tmp_path), "--cases", "1", "--seed", "5", "--shift", "4,-3,6", "--vendor", "philips",
           "--nonoise"])

@@ -266,21 +266,20 @@ def _prepare_dicom(study: Path, work_dir: Path, source: str, register: str, suv_
     import pydicom
 
     from cipa_bundle.io.dicom import sort_and_measure
-    from cipa_bundle.preprocessing.convert import convert_study, find_study_series
+    from cipa_bundle.preprocessing.convert import convert_study
 
     paths = convert_study(study, work_dir, register, suv_kind, progress=progress, ct_series=ct_series,
                           pet_series=pet_series)
-    # The SEG needs the CT headers in the converter's slice order; headers alone are enough (no pixel data).
-    ct_files, _ = find_study_series(study, ct_series, pet_series)
+    provenance = _read_json(paths["provenance"])
+    # The SEG needs the headers of the CT instances the volume was made of, in its slice order, which the
+    # provenance lists (localizers set aside); headers alone are enough (no pixel data).
+    ct_files = [study / name for name in provenance["ct"]["files"]]
     headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in ct_files]
     order, affine = sort_and_measure(headers, ct_files)
     ct_affine = nib.load(os.fspath(paths["ct"])).affine
-    if not np.allclose(affine, ct_affine, atol=1e-3, rtol=0):  # pragma: no cover - guards the reader contract
-        raise RuntimeError(f"CT slice order of {study} disagrees with {paths['ct']}")
-    return PreparedInput(
-        "dicom", source, study.name, paths["image"], paths["ct"], paths["suv_ct"],
-        _read_json(paths["provenance"]), [headers[i] for i in order],
-    )
+    if order != list(range(len(headers))) or not np.allclose(affine, ct_affine, atol=1e-3, rtol=0):  # pragma: no cover
+        raise RuntimeError(f"CT slice order of {study} disagrees with {paths['ct']}")  # guards the reader contract
+    return PreparedInput("dicom", source, study.name, paths["image"], paths["ct"], paths["suv_ct"], provenance, headers)
 
 
 def prepare_input(

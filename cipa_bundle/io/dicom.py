@@ -10,6 +10,9 @@ What this module guarantees, and why:
 * **Geometry** comes from IOP, IPP and PixelSpacing; the slice spacing comes from the sorted positions (not from
   SliceThickness, which may overlap or be missing). DICOM patient space is LPS; the returned affine is RAS, the
   :class:`Volume` convention.
+* **Localizers** (scouts: ImageType (0008,0008) contains LOCALIZER) are projections, not slices of the volume. Some
+  exports put the scout into the CT series itself; :func:`read_series` sets such instances aside (listed in
+  ``DicomSeries.set_aside``) and refuses a series that holds nothing else.
 * **Refused geometry**, each with its own error class: missing geometry tags, multi-frame files, non-unit or
   non-orthogonal IOP, IOP that differs between slices, mixed Rows/Columns or PixelSpacing, duplicate slice positions,
   gantry tilt (slice positions drifting sideways, or a non-zero GantryDetectorTilt), non-uniform slice spacing.
@@ -36,7 +39,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +66,7 @@ __all__ = [
     "NonUniformSpacingError",
     "UnsupportedImageError",
     "find_series",
+    "is_localizer",
     "read_series",
     "sort_and_measure",
 ]
@@ -141,6 +145,7 @@ class DicomSeries:
         series_uid: SeriesInstanceUID.
         study_uid: StudyInstanceUID (empty if absent).
         frame_of_reference_uid: FrameOfReferenceUID (empty if absent).
+        set_aside: files of the series that are not part of the volume (localizers), in path order.
     """
 
     volume: Volume
@@ -150,6 +155,7 @@ class DicomSeries:
     series_uid: str
     study_uid: str
     frame_of_reference_uid: str
+    set_aside: list[Path] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------------- discovery
@@ -175,6 +181,11 @@ def _read_header(path: Path) -> Dataset | None:
     if "Rows" not in ds or "Columns" not in ds or not ds.get("SeriesInstanceUID"):
         return None
     return ds
+
+
+def is_localizer(ds: Dataset) -> bool:
+    """Whether ImageType (0008,0008) marks ``ds`` as a localizer (scout): a projection, not a slice of a volume."""
+    return "LOCALIZER" in [str(value).upper() for value in (ds.get("ImageType") or [])]
 
 
 def find_series(folder: str | os.PathLike[str]) -> dict[str, list[Path]]:
@@ -462,7 +473,8 @@ def read_series(
 
     Returns:
         The :class:`DicomSeries`. For CT the values are HU with padding and anything below -1024 set to -1024; for
-        other modalities they are ``stored x RescaleSlope + RescaleIntercept`` of each instance.
+        other modalities they are ``stored x RescaleSlope + RescaleIntercept`` of each instance. Localizer
+        instances are left out (``DicomSeries.set_aside``).
 
     Raises:
         DicomSeriesError: (a subclass of ``CipaInputError``) for any of the problems listed in the module docstring.
@@ -491,6 +503,15 @@ def read_series(
     mod = modalities.pop()
     if modality is not None and mod != modality:
         raise NoSeriesFoundError(f"{files[0]}: Modality (0008,0060) = {mod!r}; expected {modality!r}")
+    set_aside = [path for ds, path in zip(datasets, files) if is_localizer(ds)]
+    if len(set_aside) == len(files):
+        raise UnsupportedImageError(
+            f"{files[0].parent}: every instance is a localizer (ImageType (0008,0008) contains LOCALIZER, e.g. "
+            f"{files[0].name}); expected the slices of a volume"
+        )
+    if set_aside:
+        kept = [i for i, ds in enumerate(datasets) if not is_localizer(ds)]
+        datasets, files = [datasets[i] for i in kept], [files[i] for i in kept]
 
     order, affine = sort_and_measure(datasets, files)
     datasets = [datasets[i] for i in order]
@@ -522,4 +543,5 @@ def read_series(
         series_uid=meta["series_uid"],
         study_uid=meta["study_uid"],
         frame_of_reference_uid=meta["frame_of_reference_uid"],
+        set_aside=set_aside,
     )

@@ -94,7 +94,7 @@ class _SeriesSummary:
     modality: str
     description: str
     files: list[Path]
-    localizer: bool  # ImageType (0008,0008) has LOCALIZER: a scout, not a volume
+    localizer: bool  # every instance's ImageType (0008,0008) has LOCALIZER: scouts, not a volume
     attenuation_corrected: bool  # CorrectedImage (0028,0051) has ATTN
 
     def describe(self) -> str:
@@ -110,8 +110,8 @@ def find_study_series(
     """The files of the study's CT series and PET series.
 
     Without a choice the study must hold one CT volume and one PET series. Two kinds of extra series, common in
-    scanner exports, are set aside on their own: CT localizers (scouts: ImageType (0008,0008) contains LOCALIZER)
-    and, when exactly one PET series is attenuation-corrected (CorrectedImage (0028,0051) contains ATTN), the PET
+    scanner exports, are set aside on their own: CT localizers (series of scouts only: ImageType (0008,0008)
+    contains LOCALIZER; a scout inside the CT series is set aside by the reader) and, when exactly one PET series is attenuation-corrected (CorrectedImage (0028,0051) contains ATTN), the PET
     series that are not (non-attenuation-corrected PET has no meaningful SUV). Anything else that is ambiguous is
     refused with a list of the series found, and ``ct_series`` / ``pet_series`` pick one by SeriesInstanceUID.
 
@@ -130,17 +130,22 @@ def find_study_series(
     """
     import pydicom
 
-    from cipa_bundle.io.dicom import find_series
+    from cipa_bundle.io.dicom import find_series, is_localizer
+
+    def header(path: Path) -> Any:
+        return pydicom.dcmread(path, stop_before_pixels=True)
 
     root = Path(study_dir)
     summaries = []
     for uid, files in find_series(root).items():
-        ds = pydicom.dcmread(files[0], stop_before_pixels=True)
-        image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+        ds = header(files[0])
         corrected = [str(v).upper() for v in (ds.get("CorrectedImage") or [])]
+        # A scout may sit inside the CT series (read_series sets it aside there), so one localizer header does not
+        # make a localizer series; the others are read only when the first one is a scout.
+        localizer = is_localizer(ds) and all(is_localizer(header(f)) for f in files[1:])
         summaries.append(_SeriesSummary(
-            uid, str(ds.get("Modality", "")), str(ds.get("SeriesDescription", "")).strip(), files,
-            "LOCALIZER" in image_type, "ATTN" in corrected,
+            uid, str(ds.get("Modality", "")), str(ds.get("SeriesDescription", "")).strip(), files, localizer,
+            "ATTN" in corrected,
         ))
     found = "; ".join(s.describe() for s in summaries) or "no DICOM image series"
 
@@ -400,8 +405,8 @@ def convert_study(
             "cipa_bundle_convert": 1,
             "study_dir": str(study),
             "suv_kind": suv_kind,
-            "ct": _series_record(ct),
-            "pet": _series_record(pet),
+            "ct": _series_record(ct, study),
+            "pet": _series_record(pet, study),
             "frame_of_reference": {
                 "ct": ct.frame_of_reference_uid,
                 "pet": pet.frame_of_reference_uid,
@@ -466,8 +471,8 @@ def convert_study(
     return written
 
 
-def _series_record(series: Any) -> dict[str, Any]:
-    """Identity and geometry of one source series, for the provenance record."""
+def _series_record(series: Any, study: Path) -> dict[str, Any]:
+    """Identity and geometry of one source series, for the provenance record (paths relative to ``study``)."""
     volume = series.volume
     return {
         "series_uid": series.series_uid,
@@ -476,6 +481,9 @@ def _series_record(series: Any) -> dict[str, Any]:
         "modality": series.modality,
         "n_instances": len(series.files),
         "folder": str(Path(series.files[0]).parent),
+        # Slice k of the volume is files[k]; the DICOM SEG of a prediction references these instances.
+        "files": [os.path.relpath(f, study) for f in series.files],
+        "set_aside": [os.path.relpath(f, study) for f in series.set_aside],
         "shape": list(volume.shape),
         "spacing_mm": [float(s) for s in volume.spacing],
         "affine_ras": volume.affine.tolist(),
