@@ -431,7 +431,9 @@ def _modality_values(ds: Dataset, path: Path) -> tuple[np.ndarray, np.ndarray]:
         stored = ds.pixel_array
     except Exception as err:  # pydicom raises many types for broken/compressed pixel data
         raise UnsupportedImageError(
-            f"{path}: PixelData (7FE0,0010) cannot be decoded ({err}); expected image pixels"
+            f"{path}: PixelData (7FE0,0010) cannot be decoded ({err}); expected uncompressed pixels or a compression "
+            "that an installed decoder reads (the cipa-bundle dependencies read RLE, JPEG Lossless, JPEG-LS and "
+            "JPEG 2000)"
         ) from err
     if stored.ndim != 2:
         raise UnsupportedImageError(f"{path}: pixel array has shape {stored.shape}; expected one 2-D frame")
