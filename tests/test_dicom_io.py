@@ -343,3 +343,20 @@ def test_nifti_and_json_writers_are_atomic_and_reproducible(tmp_path: Path) -> N
     nii, side = save_nifti_with_sidecar(vol, tmp_path / "pair.nii.gz", {"factor": np.float64(2.5)})
     assert side == sidecar_path(nii) == tmp_path / "pair.json"
     assert json.loads(side.read_text()) == {"factor": 2.5}
+
+
+def test_code_strings_reads_one_value_and_several_alike(tmp_path: Path) -> None:
+    # Read back from a file, pydicom gives one value as a plain str: iterating it would give letters, and a lone
+    # "ATTN" or "LOCALIZER" would go unseen.
+    ds = Dataset()
+    ds.ImageType = "LOCALIZER"
+    ds.CorrectedImage = ["decy", "ATTN "]
+    path = tmp_path / "one.dcm"
+    ds.save_as(path, implicit_vr=False, little_endian=True)
+    back = pydicom.dcmread(path, force=True)  # a bare data set, no file meta
+    assert isinstance(back.ImageType, str)
+    assert dicom.code_strings(back, "ImageType") == ["LOCALIZER"] and dicom.is_localizer(back)
+    assert dicom.code_strings(back, "CorrectedImage") == ["DECY", "ATTN"]
+    assert dicom.code_strings(back, "PatientName") == [] and dicom.code_strings(Dataset(), "ImageType") == []
+    back.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    assert not dicom.is_localizer(back)

@@ -65,6 +65,7 @@ __all__ = [
     "NonOrthogonalOrientationError",
     "NonUniformSpacingError",
     "UnsupportedImageError",
+    "code_strings",
     "find_series",
     "is_localizer",
     "read_series",
@@ -183,9 +184,21 @@ def _read_header(path: Path) -> Dataset | None:
     return ds
 
 
+def code_strings(ds: Dataset, keyword: str) -> list[str]:
+    """The values of a multi-valued code string such as ImageType or CorrectedImage, upper-case, ``[]`` if absent.
+
+    pydicom returns one value as a plain ``str`` and several as a list; iterating the ``str`` would give letters.
+    """
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return []
+    values = [value] if isinstance(value, (str, bytes)) else list(value)
+    return [str(v).strip().upper() for v in values]
+
+
 def is_localizer(ds: Dataset) -> bool:
     """Whether ImageType (0008,0008) marks ``ds`` as a localizer (scout): a projection, not a slice of a volume."""
-    return "LOCALIZER" in [str(value).upper() for value in (ds.get("ImageType") or [])]
+    return "LOCALIZER" in code_strings(ds, "ImageType")
 
 
 def find_series(folder: str | os.PathLike[str]) -> dict[str, list[Path]]:

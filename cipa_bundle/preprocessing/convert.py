@@ -111,8 +111,9 @@ def find_study_series(
 
     Without a choice the study must hold one CT volume and one PET series. Two kinds of extra series, common in
     scanner exports, are set aside on their own: CT localizers (series of scouts only: ImageType (0008,0008)
-    contains LOCALIZER; a scout inside the CT series is set aside by the reader) and, when exactly one PET series is attenuation-corrected (CorrectedImage (0028,0051) contains ATTN), the PET
-    series that are not (non-attenuation-corrected PET has no meaningful SUV). Anything else that is ambiguous is
+    contains LOCALIZER; a scout inside the CT series is set aside by the reader) and, when exactly one PET series
+    is attenuation-corrected (CorrectedImage (0028,0051) contains ATTN), the PET series that are not
+    (non-attenuation-corrected PET has no meaningful SUV). Anything else that is ambiguous is
     refused with a list of the series found, and ``ct_series`` / ``pet_series`` pick one by SeriesInstanceUID.
 
     Args:
@@ -130,7 +131,7 @@ def find_study_series(
     """
     import pydicom
 
-    from cipa_bundle.io.dicom import find_series, is_localizer
+    from cipa_bundle.io.dicom import code_strings, find_series, is_localizer
 
     def header(path: Path) -> Any:
         return pydicom.dcmread(path, stop_before_pixels=True)
@@ -139,13 +140,12 @@ def find_study_series(
     summaries = []
     for uid, files in find_series(root).items():
         ds = header(files[0])
-        corrected = [str(v).upper() for v in (ds.get("CorrectedImage") or [])]
         # A scout may sit inside the CT series (read_series sets it aside there), so one localizer header does not
         # make a localizer series; the others are read only when the first one is a scout.
         localizer = is_localizer(ds) and all(is_localizer(header(f)) for f in files[1:])
         summaries.append(_SeriesSummary(
             uid, str(ds.get("Modality", "")), str(ds.get("SeriesDescription", "")).strip(), files, localizer,
-            "ATTN" in corrected,
+            "ATTN" in code_strings(ds, "CorrectedImage"),
         ))
     found = "; ".join(s.describe() for s in summaries) or "no DICOM image series"
 
