@@ -233,7 +233,8 @@ def test_a_scout_inside_the_ct_series_is_set_aside(tmp_path: Path, clean_case: P
     scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
     scout.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
     scout.Rows, scout.Columns = 40, int(scout.Columns) + 8
-    scout.PixelData = np.full((40, scout.Columns), 1024, dtype=np.int16 if scout.PixelRepresentation else np.uint16).tobytes()
+    dtype = np.int16 if scout.PixelRepresentation else np.uint16
+    scout.PixelData = np.full((40, scout.Columns), 1024, dtype=dtype).tobytes()
     scout.save_as(study / "ct" / "000_scout.dcm")
     out = convert_study(study, tmp_path / "out", progress=False)
     for key in ("ct", "suv_ct", "image"):

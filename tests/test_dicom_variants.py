@@ -23,6 +23,7 @@ reads the architecture from).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import gzip
 import json
@@ -38,7 +39,7 @@ import pydicom.uid
 import pytest
 import torch
 
-from cipa_bundle.data.phantom import SIZES, PhantomSize, _centred_grid, build_anatomy, make_phantom_case
+from cipa_bundle.data.phantom import SIZES, _centred_grid, build_anatomy, make_phantom_case
 from cipa_bundle.io.dicom import UnsupportedImageError
 from cipa_bundle.io.dicom_writer import pet_header, write_image_series
 from cipa_bundle.io.volume import LPS_TO_RAS
@@ -141,16 +142,12 @@ def _max_nearest_mm(a: np.ndarray, b: np.ndarray) -> float:
 # --------------------------------------------------------------------------------------------- 1. different grids
 #: CT 64 x 64 x 70 at 3 x 3 x 2 mm (z -69..69); PET 52 x 52 x 30 at 4.07 x 4.07 x 3.27 mm, z -59.4..35.4: shorter
 #: than the CT at both ends, coarser in-plane, and no voxel centre shared with the CT.
-GRID_SIZE = PhantomSize(
+#: The "small" phantom with these two grids.
+GRID_SIZE = dataclasses.replace(
+    SIZES["small"],
     name="test_variant_grids",
     ct=_centred_grid((64, 64, 70), (3.0, 3.0, 2.0), (0.0, 0.0, 0.0)),
     pet=_centred_grid((52, 52, 30), (4.07, 4.07, 3.27), (0.7, -1.1, -12.0)),
-    body_scale=0.5,
-    tumour_radius_mm=(7.5, 13.0),
-    tumour_count=(2, 3),
-    pet_fwhm_mm=6.0,
-    bed_length_mm=60.0,
-    frame_duration_s=120,
 )
 
 

@@ -518,15 +518,15 @@ def read_series(
     mod = modalities.pop()
     if modality is not None and mod != modality:
         raise NoSeriesFoundError(f"{files[0]}: Modality (0008,0060) = {mod!r}; expected {modality!r}")
-    set_aside = [path for ds, path in zip(datasets, files) if is_localizer(ds)]
-    if len(set_aside) == len(files):
+    scouts = [is_localizer(ds) for ds in datasets]
+    if all(scouts):
         raise UnsupportedImageError(
             f"{files[0].parent}: every instance is a localizer (ImageType (0008,0008) contains LOCALIZER, e.g. "
             f"{files[0].name}); expected the slices of a volume"
         )
-    if set_aside:
-        kept = [i for i, ds in enumerate(datasets) if not is_localizer(ds)]
-        datasets, files = [datasets[i] for i in kept], [files[i] for i in kept]
+    set_aside = [path for path, scout in zip(files, scouts) if scout]
+    datasets = [ds for ds, scout in zip(datasets, scouts) if not scout]
+    files = [path for path, scout in zip(files, scouts) if not scout]
 
     order, affine = sort_and_measure(datasets, files)
     datasets = [datasets[i] for i in order]

@@ -88,7 +88,7 @@ class StudyLayoutError(CipaInputError):
 
 @dataclass(frozen=True)
 class _SeriesSummary:
-    """What the series chooser needs from a series' first header."""
+    """What the series chooser needs from a series' headers (the first one; all of them only for a scout)."""
 
     uid: str
     modality: str
@@ -167,7 +167,8 @@ def find_study_series(
         if len(candidates) == 1:
             return candidates[0].files
         if not candidates:
-            what = f"no {label} series (Modality (0008,0060) = {modality})" + (" other than localizers" if series else "")
+            what = f"no {label} series (Modality (0008,0060) = {modality})"
+            what += " other than localizers" if series else ""
             raise StudyLayoutError(f"{root}: {what} found; found {found}; expected one CT and one PET series of the "
                                    "same PET/CT study")
         raise StudyLayoutError(
