@@ -152,6 +152,54 @@ def test_every_parameter_gets_a_finite_nonzero_gradient_and_reaches_the_optimize
     torch.optim.AdamW(groups, lr=6e-5).step()
 
 
+def _loss_gradients_and_saved_bytes(use_checkpoint: bool) -> tuple[torch.Tensor, dict, dict, int]:
+    """One float64 training step of a small CIPA with stochastic depth on: loss, every gradient, the batch-norm
+    buffers after the step, and the bytes autograd kept for the backward pass outside checkpointed regions."""
+    torch.manual_seed(0)
+    config = {**TINY, "depths": (1, 2, 1, 1), "drop_path_rate": 0.3, "decoder_drop_path_rate": 0.3}
+    model = CIPA(**config, use_checkpoint=use_checkpoint).double().train()
+    x = torch.randn(2, 2, 128, 128, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    target = (torch.rand(2, 1, 128, 128, generator=torch.Generator().manual_seed(2)) > 0.7).double()
+    saved = []
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    torch.manual_seed(3)  # the DropPath masks
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x), target)
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    return loss.detach(), grads, buffers, sum(saved)
+
+
+def test_activation_checkpointing_computes_the_same_loss_gradients_and_statistics_in_float64():
+    loss, grads, buffers, kept = _loss_gradients_and_saved_bytes(use_checkpoint=False)
+    loss_ckpt, grads_ckpt, buffers_ckpt, kept_ckpt = _loss_gradients_and_saved_bytes(use_checkpoint=True)
+    torch.testing.assert_close(loss_ckpt, loss, rtol=1e-12, atol=0)
+    assert grads_ckpt.keys() == grads.keys() and all(g is not None for g in grads.values())
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-10, atol=1e-14, msg=name)
+    # DCIM's batch norms were updated once per step, not once more by the recomputation.
+    assert any("running_mean" in name for name in buffers)
+    for name, buffer in buffers.items():
+        torch.testing.assert_close(buffers_ckpt[name], buffer, rtol=0, atol=0, msg=name)
+    # And it does save memory: most activations are no longer kept for the backward pass.
+    assert kept_ckpt < 0.25 * kept, (kept_ckpt, kept)
+
+
+def test_activation_checkpointing_changes_neither_inference_nor_the_state_dict():
+    torch.manual_seed(0)
+    plain = CIPA(**TINY).eval()
+    checkpointed = CIPA(**TINY, use_checkpoint=True).eval()
+    checkpointed.load_state_dict(plain.state_dict())  # same keys: the flag adds no parameters or buffers
+    x = torch.randn(1, 2, 128, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(checkpointed(x), plain(x), rtol=0, atol=0)
+
+
 def test_instantiable_from_a_bundle_config():
     from monai.bundle import ConfigParser
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cipa_bundle.networks.checkpointing import checkpointed
 from cipa_bundle.networks.crm import ChannelRectification
 from cipa_bundle.networks.dcim import CrossModalInteraction
 from cipa_bundle.networks.decoder import MambaDecoder
@@ -48,6 +49,11 @@ class CIPA(nn.Module):
         drop_path_rate: encoder stochastic depth (0 for VMamba-T in CIPA).
         decoder_drop_path_rate: decoder stochastic depth.
         pretrained: optional path to VMamba-T ImageNet weights for the encoder (never downloaded).
+        use_checkpoint: activation checkpointing, as MONAI's SwinUNETR has it: each VSS block, each CRM + DCIM pair
+            and each decoder block is recomputed in the backward pass instead of keeping its activations. The
+            function, the gradients and the batch-norm statistics are the same; a training step takes about one
+            more forward pass of time and far less memory (a 512 x 512 step at batch 4 needs it to fit 24 GB on a
+            CPU: docs/performance.md). No effect under ``torch.no_grad()``. Not part of the state_dict.
 
     Shapes:
         input ``(B, 2, H, W)``; output ``(B, out_channels, H, W)``.
@@ -66,6 +72,7 @@ class CIPA(nn.Module):
         drop_path_rate: float = 0.0,
         decoder_drop_path_rate: float = 0.1,
         pretrained: str | None = None,
+        use_checkpoint: bool = False,
     ) -> None:
         super().__init__()
         size = (img_size, img_size) if isinstance(img_size, int) else tuple(int(s) for s in img_size)
@@ -75,13 +82,16 @@ class CIPA(nn.Module):
         if len(widths) != 4 or len(depths) != 4:
             raise ValueError(f"CIPA has 4 stages: got dims={dims}, depths={depths}")
         self.img_size = size
-        self.encoder = VMambaEncoder(3, widths, depths, d_state, drop_path_rate)
+        self.use_checkpoint = use_checkpoint
+        self.encoder = VMambaEncoder(3, widths, depths, d_state, drop_path_rate, use_checkpoint=use_checkpoint)
         feature_sizes = [(size[0] // (4 * 2**i), size[1] // (4 * 2**i)) for i in range(4)]
         self.crm = nn.ModuleList(
             ChannelRectification(c, hw, crm_hidden, d_state) for c, hw in zip(widths, feature_sizes)
         )
         self.dcim = nn.ModuleList(CrossModalInteraction(c, d_state) for c in widths)
-        self.decoder = MambaDecoder(widths, decoder_depths, out_channels, decoder_d_state, decoder_drop_path_rate)
+        self.decoder = MambaDecoder(
+            widths, decoder_depths, out_channels, decoder_d_state, decoder_drop_path_rate, use_checkpoint=use_checkpoint
+        )
         if pretrained:
             from cipa_bundle.networks.official import load_vmamba_pretrained
 
@@ -105,8 +115,18 @@ class CIPA(nn.Module):
         fused = []
         for features, crm, dcim in zip(self.encoder(modalities), self.crm, self.dcim):
             ct, pet = features[:batch], features[batch:]
-            fused.append(ct + pet + dcim(*crm(ct, pet)))
+            fused.append(ct + pet + self._interaction(crm, dcim)(ct, pet))
         logits = self.decoder(fused)
         if tuple(logits.shape[2:]) != self.img_size:
             logits = F.interpolate(logits, size=self.img_size, mode="bilinear", align_corners=False)
         return logits
+
+    def _interaction(self, crm: nn.Module, dcim: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``(ct, pet) -> DCIM(CRM(ct, pet))`` at one level, recomputed in the backward pass with ``use_checkpoint``."""
+
+        def interact(ct: torch.Tensor, pet: torch.Tensor) -> torch.Tensor:
+            return dcim(*crm(ct, pet))
+
+        if not self.use_checkpoint:
+            return interact
+        return checkpointed(nn.ModuleList([crm, dcim]), interact)

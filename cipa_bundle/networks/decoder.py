@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from monai.networks.layers import DropPath
 
 from cipa_bundle.networks.blocks import SS2D, drop_path_schedule
+from cipa_bundle.networks.checkpointing import checkpointed
 
 __all__ = ["MambaDecoder", "CVSSDecoderBlock", "ChannelAttention"]
 
@@ -135,17 +136,28 @@ class FinalUpsample(nn.Module):
 
 
 class DecoderStage(nn.Module):
-    """Skip addition, CVSS blocks, then optional :class:`UpsampleExpand`."""
+    """Skip addition, CVSS blocks (each recomputed in the backward pass with ``use_checkpoint``), then optional
+    :class:`UpsampleExpand`."""
 
-    def __init__(self, dim: int, depth: int, d_state: int, drop_paths: Sequence[float], upsample: bool) -> None:
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        d_state: int,
+        drop_paths: Sequence[float],
+        upsample: bool,
+        use_checkpoint: bool = False,
+    ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(CVSSDecoderBlock(dim, d_state, drop_paths[i]) for i in range(depth))
         self.upsample = UpsampleExpand(dim) if upsample else None
+        self.use_checkpoint = use_checkpoint
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """``(B, H/2, W/2, 2C)`` (or the expanded deepest map) and a ``(B, H, W, C)`` skip -> the next stage's input."""
         x = _resize_channels_last(x, skip.shape[1:3]) + skip
         for block in self.blocks:
-            x = block(x)
+            x = checkpointed(block)(x) if self.use_checkpoint else block(x)
         return self.upsample(x) if self.upsample is not None else x
 
 
@@ -163,6 +175,7 @@ class MambaDecoder(nn.Module):
         out_channels: logit channels.
         d_state: SS2D state size in the decoder blocks.
         drop_path_rate: stochastic depth, linearly increasing from the shallowest stage.
+        use_checkpoint: recompute each CVSS block in the backward pass instead of keeping its activations.
 
     Shapes:
         inputs ``(B, C_i, H/4/2**i, W/4/2**i)`` for i = 0..3; output ``(B, out_channels, H, W)``.
@@ -175,6 +188,7 @@ class MambaDecoder(nn.Module):
         out_channels: int = 1,
         d_state: int = 4,
         drop_path_rate: float = 0.1,
+        use_checkpoint: bool = False,
     ) -> None:
         super().__init__()
         if len(in_channels) != 4 or len(depths) != 4:
@@ -183,7 +197,12 @@ class MambaDecoder(nn.Module):
         self.expand = PatchExpand(in_channels[3])
         self.stages = nn.ModuleList(
             DecoderStage(
-                in_channels[k], depths[k], d_state, rates[sum(depths[:k]) : sum(depths[: k + 1])], upsample=k > 0
+                in_channels[k],
+                depths[k],
+                d_state,
+                rates[sum(depths[:k]) : sum(depths[: k + 1])],
+                upsample=k > 0,
+                use_checkpoint=use_checkpoint,
             )
             for k in (2, 1, 0)
         )

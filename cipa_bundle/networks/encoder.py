@@ -9,6 +9,7 @@ import torch.nn as nn
 from monai.networks.layers import DropPath
 
 from cipa_bundle.networks.blocks import SS2D, drop_path_schedule
+from cipa_bundle.networks.checkpointing import checkpointed
 
 __all__ = ["VMambaEncoder", "VSSBlock", "PatchMerging"]
 
@@ -52,16 +53,29 @@ class PatchMerging(nn.Module):
 
 
 class EncoderStage(nn.Module):
-    """``depth`` VSS blocks; the patch merging that follows is applied by the encoder after the stage output."""
+    """``depth`` VSS blocks; the patch merging that follows is applied by the encoder after the stage output.
 
-    def __init__(self, dim: int, depth: int, d_state: int, drop_paths: Sequence[float], downsample: bool) -> None:
+    With ``use_checkpoint`` each block is recomputed in the backward pass (:mod:`cipa_bundle.networks.checkpointing`).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        d_state: int,
+        drop_paths: Sequence[float],
+        downsample: bool,
+        use_checkpoint: bool = False,
+    ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(VSSBlock(dim, d_state, drop_paths[i]) for i in range(depth))
         self.downsample = PatchMerging(dim) if downsample else None
+        self.use_checkpoint = use_checkpoint
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, H, W, C)`` -> ``(B, H, W, C)``."""
         for block in self.blocks:
-            x = block(x)
+            x = checkpointed(block)(x) if self.use_checkpoint else block(x)
         return x
 
 
@@ -78,6 +92,8 @@ class VMambaEncoder(nn.Module):
         d_state: SS2D state size.
         drop_path_rate: stochastic depth, linearly increasing over all blocks.
         patch_size: stride of the patch embedding.
+        use_checkpoint: recompute each VSS block in the backward pass instead of keeping its activations (same
+            function and gradients, less memory, about one more forward pass of time).
 
     Shapes:
         input ``(B, in_channels, H, W)``; output list of ``(B, dims[i], H / (patch_size * 2**i), W / ...)``.
@@ -91,6 +107,7 @@ class VMambaEncoder(nn.Module):
         d_state: int = 16,
         drop_path_rate: float = 0.0,
         patch_size: int = 4,
+        use_checkpoint: bool = False,
     ) -> None:
         super().__init__()
         if len(dims) != len(depths):
@@ -106,6 +123,7 @@ class VMambaEncoder(nn.Module):
                 d_state,
                 rates[sum(depths[:i]) : sum(depths[: i + 1])],
                 downsample=i < len(dims) - 1,
+                use_checkpoint=use_checkpoint,
             )
             for i in range(len(dims))
         )
