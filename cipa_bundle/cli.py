@@ -244,8 +244,8 @@ def main(argv: list[str] | None = None) -> None:
     allocator settings are then left alone."""
     import fire
 
-    from cipa_bundle.errors import CipaInputError
-    from cipa_bundle.runtime import retain_freed_memory
+    from cipa_bundle.errors import input_error_in
+    from cipa_bundle.runtime import one_line_error, retain_freed_memory
 
     if argv is None:  # a whole process of its own (console script, python -m): see cipa_bundle.runtime
         retain_freed_memory()
@@ -253,26 +253,11 @@ def main(argv: list[str] | None = None) -> None:
         # An instance, not the class: fire's help for a class describes its constructor and lists no verbs.
         fire.Fire(Commands(), command=argv, name="cipa-bundle")
     except Exception as err:  # noqa: BLE001 - re-raised unless it carries an input error
-        cause = _input_error(err)
+        cause = input_error_in(err)
         if cause is None:
             raise
-        print(f"cipa-bundle: error: {cause}".replace("\n", " "), file=sys.stderr)
+        print(one_line_error(cause), file=sys.stderr)
         sys.exit(2)
-
-
-def _input_error(err: BaseException) -> BaseException | None:
-    """The CipaInputError that ``err`` is or wraps: MONAI's config parser re-raises errors of the components it
-    instantiates as RuntimeErrors (``raise ... from``), and the user should see the input error, not the wrapper."""
-    from cipa_bundle.errors import CipaInputError
-
-    seen: set[int] = set()
-    current: BaseException | None = err
-    while current is not None and id(current) not in seen:
-        if isinstance(current, CipaInputError):
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
 
 
 if __name__ == "__main__":

@@ -1,4 +1,11 @@
-"""Process-wide settings for the bundle's own entry points (the CLI and the training workflow); never applied on import.
+"""Process-wide settings for the bundle's own entry points (the CLI and the bundle workflows); never applied on import.
+
+* :func:`report_input_errors_in_one_line`: ``python -m monai.bundle run ...`` wraps an error of the bundle in
+  MONAI's ``RuntimeError: Failed to evaluate ...`` and prints a 100-line traceback in which the message that matters
+  is buried. The bundle workflows install this hook first, so bad input (a :class:`~cipa_bundle.errors.CipaInputError`
+  anywhere in the chain) ends with the same one line that ``cipa-bundle`` prints. Programming errors keep their
+  traceback.
+* :func:`retain_freed_memory`, below.
 
 On the CPU a CIPA forward pass allocates and frees the same large activations again and again (tens of MB each at
 512 x 512). glibc hands allocations above its mmap threshold (at most 32 MB by default) straight back to the kernel
@@ -13,8 +20,15 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from types import TracebackType
 
-__all__ = ["OPT_OUT_ENV_VAR", "retain_freed_memory"]
+__all__ = [
+    "OPT_OUT_ENV_VAR",
+    "one_line_error",
+    "release_freed_memory",
+    "report_input_errors_in_one_line",
+    "retain_freed_memory",
+]
 
 #: Set to ``0`` to keep glibc's default allocator behaviour in the CLI and the training workflow.
 OPT_OUT_ENV_VAR = "CIPA_RETAIN_FREED_MEMORY"
@@ -58,8 +72,52 @@ def retain_freed_memory(mmap_threshold: int = 1 << 30, trim_threshold: int = (1 
     return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
 
 
+def release_freed_memory() -> bool:
+    """Hand the heap's free memory back to the kernel (glibc's ``malloc_trim(0)``), so that the resident set counts
+    live memory only; the memory pre-flight measures growth from there. Returns False where there is no glibc."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        malloc_trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    malloc_trim.argtypes = [ctypes.c_size_t]
+    malloc_trim.restype = ctypes.c_int
+    malloc_trim(0)
+    return True
+
+
 def _user_configured_malloc() -> bool:
     """Whether the environment already sets glibc's mmap or trim threshold (the user's choice wins)."""
     if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
         return True
     return "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")
+
+
+def one_line_error(error: BaseException) -> str:
+    """The message the user reads for an input error: one line, prefixed like the CLI's."""
+    return f"cipa-bundle: error: {error}".replace("\n", " ")
+
+
+def report_input_errors_in_one_line() -> None:
+    """Print an uncaught input error (or one wrapped by MONAI's config parser) as one line, without the traceback.
+
+    Installs a ``sys.excepthook`` that defers to the previous hook for everything else; ``CIPA_TRACEBACK=1`` keeps
+    full tracebacks for input errors too.
+    """
+    from cipa_bundle.errors import input_error_in
+
+    previous = sys.excepthook
+    if getattr(previous, "_cipa_one_line", False):
+        return
+
+    def hook(kind: type[BaseException], error: BaseException, traceback: TracebackType | None) -> None:
+        cause = input_error_in(error)
+        if cause is None or os.environ.get("CIPA_TRACEBACK", "0") == "1":
+            previous(kind, error, traceback)
+            return
+        sys.stderr.flush()
+        print(one_line_error(cause), file=sys.stderr, flush=True)
+
+    hook._cipa_one_line = True  # type: ignore[attr-defined]
+    sys.excepthook = hook

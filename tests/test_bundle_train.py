@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -73,7 +74,7 @@ def test_training_runs_through_monai_bundle_from_anywhere_and_writes_checkpoints
     bundle, result = trained_copy
     assert result.returncode == 0, result.stderr[-3000:]
     assert (bundle / "models" / "model.pt").is_file()  # best by validation IoU
-    assert (bundle / "models" / "latest_checkpoint_epoch=1.pt").is_file()
+    assert (bundle / "models" / "latest_checkpoint_epoch=1.pt").is_file()  # the finished run's resume file
     assert list((bundle / "eval").glob("events.out.tfevents.*"))  # TensorBoard
     assert "val_iou" in result.stderr + result.stdout
 
@@ -91,35 +92,83 @@ def test_evaluate_overlay_scores_the_best_checkpoint(trained_copy, synthetic_dat
     assert {"val_iou", "val_dice", "val_acc"} <= {line.replace("\t", ",").split(",")[0] for line in saved.splitlines()}
 
 
-def test_training_resumes_from_the_latest_checkpoint_after_a_kill(tmp_path, synthetic_dataset):
-    command = _bundle_command(tmp_path, synthetic_dataset, "--epochs", "2", "--val_interval", "5")
-    log = open(tmp_path / "first.log", "w")
-    process = subprocess.Popen(command, cwd=REPO_ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
-    first = tmp_path / "models" / "latest_checkpoint_epoch=1.pt"
-    deadline = time.time() + 600
-    while not first.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.5)
-    time.sleep(1.0)  # let the atomic checkpoint rename settle before the kill
+def _kill_when(process: subprocess.Popen, path: Path, log: Path, timeout: float = 600) -> None:
+    """Wait for ``path`` to appear (an atomic rename), then kill the whole training process group."""
+    deadline = time.time() + timeout
+    while not path.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    assert first.exists(), (tmp_path / "first.log").read_text()[-3000:]
-    assert not (tmp_path / "models" / "latest_checkpoint_epoch=2.pt").exists()  # it really was interrupted
+    assert path.exists(), log.read_text()[-3000:]
+
+
+def _iterations_logged(output: str, epoch: int) -> list[int]:
+    """The iterations StatsHandler logged for ``epoch`` ("Epoch: 1/2, Iter: 3/5 -- train_loss: ...")."""
+    return [int(m) for m in re.findall(rf"Epoch: {epoch}/\d+, Iter: (\d+)/\d+ ", output)]
+
+
+def test_training_resumes_mid_epoch_after_a_kill_and_finishes_with_one_resume_file(tmp_path, synthetic_dataset):
+    # A within-epoch save every 2 iterations stands in for the default 10 minutes of work.
+    command = _bundle_command(tmp_path, synthetic_dataset, "--epochs", "2", "--val_interval", "5",
+                              "--checkpoint_interval_iterations", "2", "--batch_size", "2")
+    models = tmp_path / "models"
+    log = tmp_path / "first.log"
+    with open(log, "w") as stream:
+        process = subprocess.Popen(command, cwd=REPO_ROOT, env=_env(), stdout=stream, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        _kill_when(process, models / "latest_checkpoint_epoch=1_iteration=2.pt", log)
+    first = log.read_text()
+    epoch_length = int(re.search(r"Epoch: 1/2, Iter: \d+/(\d+) ", first).group(1))
+    assert epoch_length > 2, "the test needs an epoch longer than the save interval"
+    assert not (models / "latest_checkpoint_epoch=1.pt").exists()  # killed inside epoch 1
 
     # A resume file left by an earlier, longer run (older than the interrupted run's) is superseded.
-    stale = tmp_path / "models" / "latest_checkpoint_epoch=7.pt"
+    stale = models / "latest_checkpoint_epoch=7.pt"
     stale.write_bytes(b"state of an earlier run")
-    os.utime(stale, (first.stat().st_mtime - 3600,) * 2)
+    os.utime(stale, (os.path.getmtime(models / "latest_checkpoint_epoch=1_iteration=2.pt") - 3600,) * 2)
 
     result = subprocess.run(command, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
-    assert "Epoch: 1/2" not in output  # epoch 1 was not trained again
-    assert "Epoch: 2/2" in output
-    # Only the finished run's resume file is left: the stale one and the one resumed from are removed.
-    assert sorted(p.name for p in (tmp_path / "models").glob("latest_checkpoint_epoch=*.pt")) == [
-        "latest_checkpoint_epoch=2.pt"
-    ]
+    # Epoch 1 continued after the saved iteration 2, and epoch 2 ran whole.
+    assert _iterations_logged(output, 1) == list(range(3, epoch_length + 1))
+    assert _iterations_logged(output, 2) == list(range(1, epoch_length + 1))
+    assert sorted(p.name for p in models.glob("latest_checkpoint_*.pt")) == ["latest_checkpoint_epoch=2.pt"]
+
+    # The finished run's file is not resumed: the same request trains both epochs again, from the start.
+    again = subprocess.run(command, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    assert _iterations_logged(again.stdout + again.stderr, 1) == list(range(1, epoch_length + 1))
+
+
+def test_a_run_that_cannot_fit_stops_before_its_first_iteration_with_one_line_and_writes_nothing(
+    tmp_path, synthetic_dataset
+):
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    # A budget below what the process already holds: the measured step cannot fit, whatever the machine.
+    command = _bundle_command(bundle, synthetic_dataset, "--memory_limit_gib", "0.2", "--use_checkpoint", "false")
+    result = subprocess.run(command, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("cipa-bundle: error: memory pre-flight: training step at batch_size 4 on cpu needs about")
+    assert "0.2 GiB available" in last and "configs/demo.json" in last
+    assert "Traceback" not in result.stderr
+    assert list(bundle.iterdir()) == []  # no models/, no eval/, no TensorBoard file
+
+
+def test_evaluate_without_weights_ends_with_the_one_line_that_predict_gives(tmp_path, synthetic_dataset):
+    from cipa_bundle.inference.predict import require_checkpoint
+
+    configs = [str(REPO_ROOT / "configs" / name) for name in ("train.json", "demo.json", "evaluate.json")]
+    command = _bundle_command(tmp_path, synthetic_dataset, configs=configs)
+    command[command.index("training")] = "run"
+    result = subprocess.run(command, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    with pytest.raises(CipaInputError) as expected:
+        require_checkpoint(tmp_path / "models" / "model.pt")
+    assert result.stderr.strip().splitlines()[-1] == f"cipa-bundle: error: {expected.value}"
+    assert "import-official" in str(expected.value) and "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("files", [["train.json"], ["train.json", "evaluate.json"], ["train.json", "demo.json"]])
