@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     """Generate the study and the checkpoint, run ``predict`` once and print the stage table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default=None, help="working folder (default: a temporary one)")
-    parser.add_argument("--size", default="clinical", choices=("clinical", "small"), help="phantom size")
+    parser.add_argument("--size", default="clinical", choices=("clinical", "whole_body", "small"), help="phantom size")
     parser.add_argument("--img-size", type=int, default=512, help="network input size (default 512, the paper's)")
     parser.add_argument("--width", type=int, default=96, help="network width (default 96, the paper's)")
     parser.add_argument("--encoder-depths", default="2,2,9,2", help="VSS blocks per encoder stage (paper: 2,2,9,2)")

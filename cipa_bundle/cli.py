@@ -101,7 +101,8 @@ class Commands:
             seed: random seed (same seed -> same bytes).
             shift: "dx,dy,dz" mm (LPS): PET content displacement, as patient motion between CT and PET.
             vendor: siemens, ge or philips (timing tags and units of that vendor).
-            size: small (CT 64x64x32) or clinical (CT 512x512x150, PET 4 mm).
+            size: small (CT 64x64x32), clinical (a thorax: CT 512x512x150, PET 4 mm) or whole_body (skull to
+                mid-thigh: CT 512x512x350 at 3 mm, PET 4 mm).
             noise: add PET and CT noise (--nonoise for exact values).
             blur: blur the PET with a 6 mm FWHM PSF (--noblur for exact values).
         """
@@ -121,6 +122,7 @@ class Commands:
         label: str | None = None,
         ct_series: str | None = None,
         pet_series: str | None = None,
+        all_slices: bool = False,
     ) -> dict[str, str]:
         """Convert a DICOM PET-CT study to ct/suv/suv_ct/image NIfTIs and provenance.json (PET resampled onto CT).
 
@@ -161,6 +163,7 @@ class Commands:
         keep_intermediate: bool = False,
         ct_series: str | None = None,
         pet_series: str | None = None,
+        all_slices: bool = False,
     ) -> dict[str, str]:
         """Segment lung tumours in one study: mask.nii.gz, seg.dcm (DICOM input), PNG overlays and report.json.
 
@@ -180,6 +183,7 @@ class Commands:
             keep_intermediate: keep the converted inputs in OUT_DIR/intermediate.
             ct_series: DICOM input: SeriesInstanceUID of the CT series, when the study holds several CT volumes.
             pet_series: DICOM input: SeriesInstanceUID of the PET series, when the study holds several PET series.
+            all_slices: run the network on every body slice, not only the lungs' range plus 2 cm.
         """
         from cipa_bundle.inference.predict import predict
 
@@ -188,6 +192,7 @@ class Commands:
             encoder_depths=encoder_depths, decoder_depths=decoder_depths, sw_batch_size=sw_batch_size,
             probabilities=probabilities, device=device, register=register, suv_kind=kind, overrides=override,
             keep_intermediate=keep_intermediate, ct_series=_name(ct_series), pet_series=_name(pet_series),
+            all_slices=all_slices,
         )
         return {k: str(v) for k, v in written.items()}
 

@@ -237,7 +237,7 @@ class PhantomSize:
     """Grid and anatomy scale of one phantom size.
 
     Args:
-        name: ``"small"`` or ``"clinical"``.
+        name: ``"small"``, ``"clinical"`` or ``"whole_body"``.
         ct: CT grid.
         pet: PET grid (coarser, different z-extent, not aligned with CT voxel centres).
         body_scale: anatomy scale (1 = an adult thorax, 330 x 230 mm).
@@ -247,6 +247,8 @@ class PhantomSize:
         pet_fwhm_mm: PSF full width at half maximum when ``blur=True``.
         bed_length_mm: axial length of one PET bed position (sets the per-bed AcquisitionTime).
         frame_duration_s: acquisition time per bed.
+        whole_body: skull vertex to mid-thigh (head, neck, abdomen, pelvis and thighs around the thorax, with
+            their physiological FDG uptake) instead of a thorax of unbounded length.
     """
 
     name: str
@@ -258,6 +260,7 @@ class PhantomSize:
     pet_fwhm_mm: float
     bed_length_mm: float
     frame_duration_s: int
+    whole_body: bool = False
 
 
 SIZES: dict[str, PhantomSize] = {
@@ -286,6 +289,20 @@ SIZES: dict[str, PhantomSize] = {
         bed_length_mm=160.0,
         frame_duration_s=150,
     ),
+    # Skull vertex to mid-thigh as in an FDG PET-CT for lung cancer (or autoPET): 512x512x350 CT at
+    # 0.977x0.977x3 mm (1050 mm) and a 128x128x263 PET at 4 mm. The lungs fill 260 mm of it.
+    "whole_body": PhantomSize(
+        name="whole_body",
+        ct=_centred_grid((512, 512, 350), (0.9765625, 0.9765625, 3.0), (0.0, 0.0, -113.5)),
+        pet=_centred_grid((128, 128, 263), (4.0, 4.0, 4.0), (1.3, -0.7, -113.6)),
+        body_scale=1.0,
+        tumour_radius_mm=(7.5, 22.0),
+        tumour_count=(3, 5),
+        pet_fwhm_mm=6.0,
+        bed_length_mm=160.0,
+        frame_duration_s=150,
+        whole_body=True,
+    ),
 }
 
 
@@ -294,10 +311,15 @@ SIZES: dict[str, PhantomSize] = {
 _HU = {
     "body": 20.0, "lung": -850.0, "liver": 55.0, "mediastinum": 40.0, "bone": 400.0, "myocardium": 45.0,
     "blood": 40.0, "node": 40.0, "brown_fat": -60.0, "tumour": 30.0,
+    # whole_body only
+    "skull": 700.0, "brain": 35.0, "kidney": 30.0, "bladder": 10.0, "bowel": 25.0, "air": -1000.0,
 }
+#: Physiological FDG uptake at about 60 min (typical SUVmean of adult studies): grey-matter-dominated brain 7-9,
+#: renal parenchyma 2-4, urine in the bladder 10-40 and beyond, bowel 1.5-2.5.
 _SUV = {
     "body": 0.7, "lung": 0.4, "liver": 2.2, "mediastinum": 1.5, "bone": 1.3, "myocardium": 6.0, "blood": 1.8,
     "node": 5.5, "brown_fat": 4.0,
+    "skull": 1.0, "brain": 8.0, "kidney": 3.5, "bladder": 25.0, "bowel": 2.0, "air": 0.0,
 }
 
 
@@ -333,8 +355,12 @@ def build_anatomy(rng: np.random.Generator, size: PhantomSize) -> PhantomAnatomy
     heart_semi = (62 * s, 52 * s, 55 * s)
     wall = max(14 * s, 10.0)
     node_r = max(9 * s, 8.0)
+    if size.whole_body:
+        body_shapes, mediastinum_z = _whole_body_outline(s), (-120 * s, 150 * s)
+    else:  # a thorax of unbounded length: the grid's z-range cuts it
+        body_shapes, mediastinum_z = (EllipticCylinder((0.0, 0.0), (165 * s, 115 * s)),), (-math.inf, math.inf)
     structures = [
-        Structure("body", "anatomy", (EllipticCylinder((0.0, 0.0), (165 * s, 115 * s)),), _HU["body"], _SUV["body"]),
+        Structure("body", "anatomy", body_shapes, _HU["body"], _SUV["body"]),
         Structure("lung_right", "anatomy", (Ellipsoid((-78 * s, 5 * s, 15 * s), lung_semi),),
                   _HU["lung"], _SUV["lung"]),
         Structure("lung_left", "anatomy", (Ellipsoid((78 * s, 5 * s, 15 * s), lung_semi),),
@@ -342,7 +368,7 @@ def build_anatomy(rng: np.random.Generator, size: PhantomSize) -> PhantomAnatomy
         # The liver dome shapes the right lung base: the strongest cranio-caudal landmark both modalities share.
         Structure("liver", "anatomy", (Ellipsoid((-45 * s, 5 * s, -200 * s), (115 * s, 95 * s, 100 * s)),),
                   _HU["liver"], _SUV["liver"]),
-        Structure("mediastinum", "anatomy", (EllipticCylinder((0.0, -5 * s), (32 * s, 75 * s)),),
+        Structure("mediastinum", "anatomy", (EllipticCylinder((0.0, -5 * s), (32 * s, 75 * s), *mediastinum_z),),
                   _HU["mediastinum"], _SUV["mediastinum"]),
         Structure("vertebrae", "anatomy", vertebrae, _HU["bone"], _SUV["bone"]),
         Structure("myocardium", "anatomy", (Ellipsoid(heart_c, heart_semi),), _HU["myocardium"], _SUV["myocardium"]),
@@ -354,9 +380,47 @@ def build_anatomy(rng: np.random.Generator, size: PhantomSize) -> PhantomAnatomy
                   (Ellipsoid((35 * s, 96 * s, 30 * s), (max(11 * s, 8.5), max(8 * s, 8.0), max(20 * s, 10.0))),),
                   _HU["brown_fat"], _SUV["brown_fat"]),
     ]
+    if size.whole_body:
+        structures.extend(_whole_body_organs(s))
     anatomy = PhantomAnatomy(structures)
     _add_tumours(anatomy, rng, size)
     return anatomy
+
+
+def _whole_body_outline(s: float) -> tuple[Shape, ...]:
+    """Head, neck, trunk, pelvis and both thighs (LPS mm; z = 0 near the carina, head at +z)."""
+    return (
+        Ellipsoid((0.0, 5 * s, 325 * s), (80 * s, 100 * s, 110 * s)),  # head, vertex at z = 435 mm
+        EllipticCylinder((0.0, 15 * s), (60 * s, 55 * s), 200 * s, 260 * s),  # neck
+        EllipticCylinder((0.0, 0.0), (165 * s, 115 * s), -360 * s, 200 * s),  # chest and abdomen
+        EllipticCylinder((0.0, 0.0), (170 * s, 110 * s), -470 * s, -360 * s),  # pelvis
+        EllipticCylinder((-90 * s, 0.0), (75 * s, 75 * s), -700 * s, -470 * s),  # right thigh
+        EllipticCylinder((90 * s, 0.0), (75 * s, 75 * s), -700 * s, -470 * s),  # left thigh
+    )
+
+
+def _whole_body_organs(s: float) -> list[Structure]:
+    """The structures of a whole-body study outside the thorax, with their physiological uptake.
+
+    Air inside the body outside the lungs (trachea, a gastric bubble, bowel gas) is there on purpose: it is what a
+    lung finder must not take for lung.
+    """
+
+    def organ(name: str, tissue: str, *shapes: Shape, kind: str = "anatomy") -> Structure:
+        return Structure(name, kind, shapes, _HU[tissue], _SUV[tissue])
+
+    return [
+        organ("skull", "skull", Ellipsoid((0.0, 5 * s, 330 * s), (72 * s, 92 * s, 100 * s))),
+        organ("brain", "brain", Ellipsoid((0.0, 5 * s, 335 * s), (64 * s, 84 * s, 88 * s))),
+        organ("trachea", "air", EllipticCylinder((0.0, -10 * s), (9 * s, 9 * s), 130 * s, 240 * s)),
+        organ("kidney_right", "kidney", Ellipsoid((-75 * s, 60 * s, -190 * s), (30 * s, 25 * s, 55 * s))),
+        organ("kidney_left", "kidney", Ellipsoid((75 * s, 60 * s, -170 * s), (30 * s, 25 * s, 55 * s))),
+        organ("stomach_gas", "air", Ellipsoid((65 * s, -30 * s, -150 * s), (30 * s, 22 * s, 18 * s))),
+        organ("bowel", "bowel", Ellipsoid((0.0, -40 * s, -320 * s), (120 * s, 55 * s, 45 * s))),
+        organ("bowel_gas", "air", Ellipsoid((45 * s, -55 * s, -310 * s), (18 * s, 14 * s, 14 * s)),
+              Ellipsoid((-50 * s, -45 * s, -335 * s), (15 * s, 12 * s, 12 * s))),
+        organ("bladder", "bladder", Ellipsoid((0.0, -45 * s, -430 * s), (45 * s, 35 * s, 35 * s)), kind="trap"),
+    ]
 
 
 def _add_tumours(anatomy: PhantomAnatomy, rng: np.random.Generator, size: PhantomSize) -> None:
@@ -726,8 +790,9 @@ def make_phantom_case(
         shift: ``(dx, dy, dz)`` (or ``"dx,dy,dz"``) LPS mm displacement of the PET content relative to the CT
             (patient motion).
         vendor: ``"siemens"``, ``"ge"`` or ``"philips"`` (see the module docstring).
-        size: ``"small"`` (CT 64x64x32 at 3x3x4 mm, PET 56x56x40 at 4 mm) or ``"clinical"`` (CT 512x512x150 at
-            0.98x0.98x2 mm, PET 128x128x85 at 4 mm).
+        size: ``"small"`` (CT 64x64x32 at 3x3x4 mm, PET 56x56x40 at 4 mm), ``"clinical"`` (a thorax: CT
+            512x512x150 at 0.98x0.98x2 mm, PET 128x128x85 at 4 mm) or ``"whole_body"`` (skull to mid-thigh with
+            brain, kidney, bowel and bladder uptake: CT 512x512x350 at 0.98x0.98x3 mm, PET 128x128x263 at 4 mm).
         noise: add PET noise (variance proportional to the SUV) and CT noise (12 HU SD). Off: values are exact.
         blur: blur the PET with a Gaussian PSF (``SIZES[size].pet_fwhm_mm`` FWHM).
         case_index: index of the case within a dataset (second component of the RNG seed).

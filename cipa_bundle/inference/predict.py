@@ -78,7 +78,9 @@ class BodySliceInferer(SliceInferer):
         cval: padding value; ``None`` = normalised 0.
         kwargs: other ``SlidingWindowInferer`` arguments (``overlap``, ``mode``, ``progress``, ``device``...).
 
-    After each call, :attr:`last_stats` holds ``{"slices", "slices_run", "network_s"}``.
+    After each call, :attr:`last_stats` holds ``{"slices", "slices_run", "network_s", "selection"}``
+    (``selection``: ``"body"``, or ``"all"`` when every slice ran). Subclasses choose other ranges by overriding
+    :meth:`slice_range` (:class:`~cipa_bundle.inference.lung_range.LungSliceInferer`).
     """
 
     def __init__(
@@ -106,7 +108,8 @@ class BodySliceInferer(SliceInferer):
         self.network_threshold = float(normalize(torch.tensor([float(body_threshold)]))[0])
         self.margin = int(margin)
         self.background_logit = float(background_logit)
-        self.last_stats: dict[str, float] = {}
+        self.last_stats: dict[str, Any] = {}
+        self.selection: dict[str, Any] = {}
 
     def body_range(self, inputs: torch.Tensor) -> tuple[int, int]:
         """``(first, stop)`` of the slices to run along the axial axis of ``(B, C, X, Y, Z)`` ``inputs``."""
@@ -120,12 +123,19 @@ class BodySliceInferer(SliceInferer):
             return 0, n
         return max(int(hits[0]) - self.margin, 0), min(int(hits[-1]) + 1 + self.margin, n)
 
+    def slice_range(self, inputs: torch.Tensor) -> tuple[int, int]:
+        """``(first, stop)`` of the slices the network runs on; sets :attr:`selection` to say how it was chosen."""
+        first, stop = self.body_range(inputs)
+        every = (first, stop) == (0, int(inputs.shape[self.spatial_dim + 2]))
+        self.selection = {"selection": "all" if every else "body"}
+        return first, stop
+
     def __call__(  # type: ignore[override]
         self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any
     ) -> torch.Tensor:
         axis = self.spatial_dim + 2
         n = int(inputs.shape[axis])
-        first, stop = self.body_range(inputs)
+        first, stop = self.slice_range(inputs)
         start = time.perf_counter()
         if (first, stop) == (0, n):
             out = super().__call__(inputs, network, *args, **kwargs)
@@ -134,6 +144,7 @@ class BodySliceInferer(SliceInferer):
             if not isinstance(part, torch.Tensor):  # multi-output networks: fall back to the plain inferer
                 out = super().__call__(inputs, network, *args, **kwargs)
                 first, stop = 0, n
+                self.selection = {"selection": "all"}
             else:
                 part_t = part.as_tensor() if hasattr(part, "as_tensor") else part
                 shape = list(part_t.shape)
@@ -141,7 +152,8 @@ class BodySliceInferer(SliceInferer):
                 full = torch.full(shape, self.background_logit, dtype=part_t.dtype, device=part_t.device)
                 full.narrow(axis, first, stop - first).copy_(part_t)
                 out = convert_to_dst_type(full, inputs, dtype=full.dtype, device=full.device)[0]
-        self.last_stats = {"slices": n, "slices_run": stop - first, "network_s": time.perf_counter() - start}
+        self.last_stats = {"slices": n, "slices_run": stop - first, "network_s": time.perf_counter() - start,
+                           **self.selection}
         return out  # type: ignore[return-value]
 
 
@@ -267,6 +279,7 @@ def predict(
     config_file: str | os.PathLike[str] | None = None,
     keep_intermediate: bool = False,
     progress: bool = True,
+    all_slices: bool = False,
 ) -> dict[str, Path]:
     """Segment lung tumours in one PET-CT study and write the mask, DICOM SEG, figures and report.
 
@@ -290,6 +303,8 @@ def predict(
         config_file: inference config; default ``<bundle>/configs/inference.json``.
         keep_intermediate: keep the converted inputs in ``out_dir/intermediate`` (else a temporary folder, removed).
         progress: show progress bars.
+        all_slices: run the network on every body slice; by default only the lungs' axial range plus 2 cm each way
+            runs (:class:`~cipa_bundle.inference.lung_range.LungSliceInferer`), the rest is background.
 
     Returns:
         ``{"mask": path, ...}``: every file written.
@@ -333,6 +348,7 @@ def predict(
             "checkpoint": str(weights),
             "save_probabilities": bool(probabilities),
             "progress": bool(progress),
+            "all_slices": bool(all_slices),
             **arch,
         }
         if device is not None:
