@@ -7,7 +7,8 @@ the estimate fits the memory available, ``--steps`` real AdamW steps of DiceCE o
 does not fit is reported as such and not run: the pre-flight exists so that nothing is left to the OOM killer.
 
 Peak memory is the process's peak resident set (``ru_maxrss``) on the CPU and ``torch.cuda.max_memory_allocated`` on
-CUDA. Freed memory is retained as in the training workflow (``cipa_bundle.runtime.retain_freed_memory``).
+CUDA. Freed memory is retained as in the training workflow
+(``cipa_bundle.runtime.retain_freed_memory_for_training``).
 
 Usage::
 
@@ -35,10 +36,10 @@ def _one_row(args: argparse.Namespace) -> dict:
     from monai.losses import DiceCELoss
 
     from cipa_bundle.networks import CIPA, param_groups
-    from cipa_bundle.runtime import retain_freed_memory
+    from cipa_bundle.runtime import retain_freed_memory_for_training
     from cipa_bundle.workflows.preflight import GIB, TrainingMemoryPreflight
 
-    retain_freed_memory()
+    retain_freed_memory_for_training()  # as the training workflow does
     device = torch.device(args.device)
     torch.manual_seed(0)
     network = CIPA(

@@ -237,6 +237,9 @@ def test_cli_predict_on_a_dicom_study(case: Path, tiny_checkpoint: Path, tmp_pat
     assert set(report["timings_s"]) >= {"prepare", "inference", "outputs"}
     assert report["device"] == "cpu" and report["input"]["kind"] == "dicom"
     assert report["model"]["img_size"] == 128 and report["model"]["network_width"] == 30  # read from the checkpoint
+    # The small phantom is a thorax whose lungs span every slice: the lung range (plus 2 cm) is the whole study.
+    assert report["inference"]["selection"] == "lung"
+    assert report["inference"]["slices_run"] == report["inference"]["slices"] == ct.volume.shape[2]
     assert isinstance(report["suv_provenance"], dict) and report["suv_provenance"]
     voxel_ml = abs(np.linalg.det(mask_img.affine[:3, :3])) / 1000
     assert report["total_volume_ml"] == pytest.approx(mask.sum() * voxel_ml)
