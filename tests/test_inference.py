@@ -206,6 +206,21 @@ def test_missing_datalist_and_weights_fail_clearly(tmp_path: Path) -> None:
     assert str(tmp_path / "model.pt") in str(err.value)
 
 
+def test_inference_workflow_without_weights_ends_with_the_one_line_that_predict_gives(tmp_path: Path) -> None:
+    case = tmp_path / "data" / "case_a"
+    case.mkdir(parents=True)
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 4, 2), dtype=np.float32), np.eye(4)), case / "image.nii.gz")
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIG),
+               "--bundle_root", str(tmp_path), "--dataset_dir", str(tmp_path / "data")]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    with pytest.raises(MissingWeightsError) as expected:
+        predict(case / "image.nii.gz", tmp_path / "out", tmp_path / "models" / "model.pt")
+    assert result.stderr.strip().splitlines()[-1] == f"cipa-bundle: error: {expected.value}"
+    assert "Traceback" not in result.stderr and "import-official" in str(expected.value)
+    assert not (tmp_path / "eval").exists()
+
+
 # --------------------------------------------------------------------------------------------- predict
 def test_cli_predict_on_a_dicom_study(case: Path, tiny_checkpoint: Path, tmp_path: Path) -> None:
     from cipa_bundle.io.dicom import read_series

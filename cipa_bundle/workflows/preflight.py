@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -36,6 +37,8 @@ from cipa_bundle.runtime import release_freed_memory
 __all__ = ["InsufficientMemoryError", "MemoryEstimate", "TrainingMemoryPreflight", "available_memory"]
 
 GIB = float(1 << 30)
+
+logger = logging.getLogger(__name__)
 
 #: Headroom on the scaled activation memory: allocator fragmentation and the tensors of a real batch (the loader's
 #: pinned copies, the post-processing and metrics) that the probe does not allocate.
@@ -304,6 +307,7 @@ class TrainingMemoryPreflight:
             return None
         estimate = self.estimate()
         if estimate.fits:
+            logger.info(f"memory pre-flight: {estimate.summary()}: fits")
             return estimate
         options = []
         largest = estimate.largest_batch()
