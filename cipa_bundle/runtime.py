@@ -73,20 +73,24 @@ def retain_freed_memory(mmap_threshold: int = 1 << 30, trim_threshold: int = (1 
     return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
 
 
-#: The training workflow's mmap threshold: buffers of 64 MiB and more are mapped afresh and unmapped when freed.
-TRAINING_MMAP_THRESHOLD = 64 << 20
+#: The training workflow's allocator settings: buffers of 32 MiB and more are mapped afresh and unmapped when freed,
+#: and at most 256 MiB of free memory stays at the top of the heap.
+TRAINING_MMAP_THRESHOLD = 32 << 20
+TRAINING_TRIM_THRESHOLD = 256 << 20
 
 
 def retain_freed_memory_for_training() -> bool:
-    """:func:`retain_freed_memory` with the mmap threshold at :data:`TRAINING_MMAP_THRESHOLD` (64 MiB).
+    """:func:`retain_freed_memory` with :data:`TRAINING_MMAP_THRESHOLD` (32 MiB) and :data:`TRAINING_TRIM_THRESHOLD`
+    (256 MiB).
 
     A training step of the paper's model allocates and frees hundreds of tensors of 100-400 MB in an order that the
-    heap cannot coalesce. Measured on the 2-core, 24 GB machine (batch 4, activation checkpointing;
-    docs/performance.md, "Training at the paper's size"): glibc's defaults 9.1 GiB peak RSS and 102 s per step;
-    everything below 1 GiB from the heap (the CLI's setting) 14.0 GiB and 64 s; below 256 MiB 13.3 GiB and 56-68 s;
-    below 64 MiB 10.9 GiB and 71-82 s. The 64 MiB threshold keeps most of the speed and fits the 12 GB target.
+    heap cannot coalesce, so retaining them costs far more memory than in a forward pass. Measured on the 2-core,
+    24 GB machine (batch 4, activation checkpointing; docs/performance.md, "Training at the paper's size"): glibc's
+    defaults 9.2 GiB peak RSS and 103 s per step; the CLI's setting (heap below 1 GiB, 2 GiB kept) 14.0 GiB and
+    64 s; heap below 64 MiB 10.9-11.3 GiB and 66-82 s; heap below 32 MiB with 256 MiB kept 9.0 GiB and 82-91 s.
+    The last keeps part of the speed and stays well inside the 12 GB target.
     """
-    return retain_freed_memory(mmap_threshold=TRAINING_MMAP_THRESHOLD)
+    return retain_freed_memory(mmap_threshold=TRAINING_MMAP_THRESHOLD, trim_threshold=TRAINING_TRIM_THRESHOLD)
 
 
 def release_freed_memory() -> bool:

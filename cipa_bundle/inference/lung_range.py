@@ -73,12 +73,13 @@ class LungSliceInferer(BodySliceInferer):
     """``SliceInferer`` that runs the network only on the slices of the lungs plus a margin (see the module doc).
 
     Args:
-        roi_size, sw_batch_size, spatial_dim, body_channel, body_threshold, margin, background_logit, cval, kwargs:
-            as :class:`~cipa_bundle.inference.predict.BodySliceInferer`; ``margin`` (slices) applies to the body
-            range, which is what runs when no lung is found or ``lung_only`` is off.
+        roi_size: the network's ``(H, W)`` input size.
         lung_only: ``False`` runs every body slice (``--all_slices``).
         margin_mm: added above and below the lungs, in mm (at least one slice).
         min_lung_ml: smallest air-density component inside the body that counts as lung.
+        kwargs: :class:`~cipa_bundle.inference.predict.BodySliceInferer`'s other arguments (``sw_batch_size``,
+            ``body_threshold``, ``margin``: slices around the body range, which runs when no lung is found or
+            ``lung_only`` is off...).
 
     After each call :attr:`last_stats` holds ``{"slices", "slices_run", "network_s", "selection"}``, where
     ``selection`` is ``"lung"`` (with ``"lung_slices"``: the first and last slice with lung), ``"body"`` or ``"all"``.
@@ -87,20 +88,12 @@ class LungSliceInferer(BodySliceInferer):
     def __init__(
         self,
         roi_size: Sequence[int] | int,
-        sw_batch_size: int = 1,
-        spatial_dim: int = 2,
-        body_channel: int = 0,
-        body_threshold: float = DEFAULT_BODY_THRESHOLD,
-        margin: int = 1,
-        background_logit: float = -1e4,
-        cval: float | None = None,
         lung_only: bool = True,
         margin_mm: float = DEFAULT_LUNG_MARGIN_MM,
         min_lung_ml: float = DEFAULT_MIN_LUNG_ML,
         **kwargs: Any,
     ) -> None:
-        super().__init__(roi_size, sw_batch_size, spatial_dim, body_channel, body_threshold, margin,
-                         background_logit, cval, **kwargs)
+        super().__init__(roi_size, **kwargs)
         if margin_mm < 0 or min_lung_ml <= 0:
             raise ValueError(f"LungSliceInferer: margin_mm must be >= 0 and min_lung_ml > 0, got {margin_mm}, "
                              f"{min_lung_ml}")

@@ -23,18 +23,19 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["checkpointed"]
+__all__ = ["buffers_kept", "checkpointed"]
 
 
 @contextlib.contextmanager
-def _batch_norm_buffers_kept(module: nn.Module) -> Iterator[None]:
-    """Run the enclosed code and then restore every batch-norm buffer of ``module`` to its value before it."""
-    saved = [
-        (buffer, buffer.detach().clone())
-        for layer in module.modules()
-        if isinstance(layer, nn.modules.batchnorm._BatchNorm)
-        for buffer in layer.buffers()
-    ]
+def buffers_kept(module: nn.Module, layer_types: tuple[type[nn.Module], ...] | None = None) -> Iterator[None]:
+    """Run the enclosed code, then restore the buffers of ``module`` to their values before it.
+
+    Args:
+        module: whose buffers to protect.
+        layer_types: only the buffers of these sub-module types (e.g. batch norms); ``None``: every buffer.
+    """
+    layers = [m for m in module.modules() if layer_types is None or isinstance(m, layer_types)]
+    saved = [(buffer, buffer.detach().clone()) for layer in layers for buffer in layer.buffers(recurse=False)]
     try:
         yield
     finally:
@@ -61,7 +62,7 @@ def checkpointed(module: nn.Module, function: Callable[..., torch.Tensor] | None
     run = module if function is None else function
 
     def contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-        return contextlib.nullcontext(), _batch_norm_buffers_kept(module)
+        return contextlib.nullcontext(), buffers_kept(module, (nn.modules.batchnorm._BatchNorm,))
 
     def call(*args: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled():

@@ -16,7 +16,7 @@ on CUDA it is ``torch.cuda.max_memory_allocated``. What is available is ``MemAva
 where one is set) on the CPU, and the device's free memory on CUDA, or the configured budget.
 
 The probe leaves no trace: the parameters' gradients, every buffer (batch-norm statistics) and the random-number
-state are restored, and the optimizer is not stepped.
+state are restored, the optimizer is not stepped, and on the CPU the memory it freed is handed back to the kernel.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from cipa_bundle.errors import CipaInputError
+from cipa_bundle.networks.checkpointing import buffers_kept
 from cipa_bundle.runtime import release_freed_memory
 
 __all__ = ["InsufficientMemoryError", "MemoryEstimate", "TrainingMemoryPreflight", "available_memory"]
@@ -145,16 +146,13 @@ def available_memory(device: torch.device) -> int:
 def _unchanged(network: nn.Module, device: torch.device) -> Iterator[None]:
     """Run the enclosed probe and restore the network's mode, buffers, gradients and the random-number state."""
     mode = network.training
-    buffers = [(b, b.detach().clone()) for b in network.buffers()]
     grads = [(p, p.grad) for p in network.parameters()]
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     try:
-        yield
+        with buffers_kept(network):
+            yield
     finally:
-        with torch.no_grad():
-            for buffer, value in buffers:
-                buffer.copy_(value)
         for parameter, grad in grads:
             parameter.grad = grad
         torch.set_rng_state(cpu_rng)
@@ -290,6 +288,8 @@ class TrainingMemoryPreflight:
             seconds = time.perf_counter() - start
             peak = meter.peak()
             del loss
+        if self.device.type == "cpu":
+            release_freed_memory()  # the probe's activations: the run's own heap should not grow around them
         per_sample = max(0, peak - baseline - gradient_bytes) // probe_batch
         return MemoryEstimate(
             device=str(self.device),
