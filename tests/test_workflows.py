@@ -93,3 +93,34 @@ def test_format_duration():
     assert format_duration(59.6) == "0:01:00"
     assert format_duration(3725) == "1:02:05"
     assert format_duration(90000) == "1d 1:00:00"
+
+
+def test_run_left_counts_only_the_iterations_of_this_run_when_resumed_mid_epoch(monkeypatch):
+    from ignite.engine import Engine, Events
+
+    from cipa_bundle.workflows import progress
+
+    clock = [1000.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])  # each iteration takes one minute
+
+    def step(engine, batch):  # noqa: ANN001, ARG001
+        clock[0] += 60.0
+
+    engine = Engine(step)
+    progress.TrainingProgressBar(persist=False).attach(engine)
+    seen = []
+
+    # Registered after the bar, as the resume handler is in the workflow: the state arrives after the bar's STARTED.
+    @engine.on(Events.STARTED)
+    def resume(trained: Engine) -> None:
+        trained.load_state_dict({"iteration": 28, "epoch_length": 10, "max_epochs": 4})
+
+    @engine.on(Events.ITERATION_COMPLETED)
+    def record(trained: Engine) -> None:
+        seen.append((trained.state.iteration, trained.state.run_left))
+
+    engine.run(range(10), max_epochs=4)
+    assert [i for i, _ in seen] == list(range(29, 41))  # the rest of epoch 3, then epoch 4
+    # After iteration 29: one minute for one iteration of this run, 11 to go (not 29 iterations done in a minute).
+    assert seen[0][1] == "0:11:00"
+    assert seen[5][1] == "0:06:00" and seen[-1][1] == "0:00:00"

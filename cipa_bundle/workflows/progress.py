@@ -35,15 +35,20 @@ class TrainingProgressBar:
     def __init__(self, persist: bool = True) -> None:
         self.bar = ProgressBar(persist=persist)
         self._start_time = 0.0
-        self._start_iteration = 0
+        self._start_iteration: int | None = None
 
     def _started(self, engine: Engine) -> None:
-        self._start_time = time.monotonic()
-        self._start_iteration = engine.state.iteration  # > 0 when the run resumed
+        self._start_iteration = None
         engine.state.run_left = "?"
 
+    def _iteration_started(self, engine: Engine) -> None:
+        # The first iteration of this run, known only now: a resumed run's state is loaded by another STARTED handler.
+        if self._start_iteration is None:
+            self._start_iteration = engine.state.iteration - 1
+            self._start_time = time.monotonic()
+
     def _update(self, engine: Engine) -> None:
-        done = engine.state.iteration - self._start_iteration
+        done = engine.state.iteration - (self._start_iteration or 0)
         total = (engine.state.max_epochs or 0) * (engine.state.epoch_length or 0)
         if done > 0 and total:
             per_iteration = (time.monotonic() - self._start_time) / done
@@ -51,6 +56,7 @@ class TrainingProgressBar:
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.ITERATION_STARTED, self._iteration_started)
         # Registered before the bar's own handler, so the bar shows this iteration's estimate.
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._update)
         self.bar.attach(engine, state_attributes=["run_left"])
