@@ -263,3 +263,34 @@ def test_cli_phantom_verb(tmp_path: Path, capsys: pytest.CaptureFixture) -> None
     with pytest.raises(SystemExit) as info:
         main(["phantom", str(tmp_path / "x"), "--vendor", "agfa"])
     assert info.value.code == 2
+
+
+def test_multi_bed_pet_with_junction_jitter_converts_to_the_analytic_suv(tmp_path: Path) -> None:
+    from cipa_bundle.io.dicom import NonUniformSpacingError
+
+    # Three 60 mm beds of 4 mm slices, each bed's positions from its own start (off by up to 0.08 mm), rounded to
+    # 0.01 mm: as the real GE Discovery ST series that the former 1 % gap rule refused.
+    case = make_phantom_case(tmp_path, "multibed", seed=11, vendor="ge", noise=False, blur=False,
+                             pet_bed_jitter_mm=0.08)
+    pet_files = sorted((case / "dicom" / "pet").iterdir())
+    heights = sorted(float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]) for f in pet_files)
+    gaps = np.diff(heights)
+    assert 0.005 < np.max(np.abs(gaps - 4.0)) <= 0.17  # the junctions jitter (beyond 1 % of the spacing at some)
+    paths = convert_study(case, tmp_path / "out", progress=False)
+    truth = json.loads((case / "truth.json").read_text())
+    suv = nib.load(paths["suv"])
+    suv_data = np.asarray(suv.dataobj)
+    for s in truth["structures"]:
+        assert suv_data[_index(suv.affine, s["pet_probe_lps_mm"])] == pytest.approx(s["suv"], rel=5e-3), s["name"]
+    provenance = json.loads(Path(paths["provenance"]).read_text())
+    design = np.stack([np.ones(len(heights)), np.arange(len(heights))], axis=1)
+    (start, spacing), *_ = np.linalg.lstsq(design, np.array(heights), rcond=None)
+    deviation = np.max(np.abs(np.array(heights) - start - spacing * np.arange(len(heights))))
+    assert provenance["pet"]["slice_position_max_deviation_mm"] == pytest.approx(deviation, abs=1e-6)
+    assert 0.005 < deviation < 0.4 and provenance["ct"]["slice_position_max_deviation_mm"] < 1e-6
+
+    # A missing slice is still refused, naming the gap.
+    pet_files[len(pet_files) // 2].unlink()
+    missing = r"PT_\d+\.dcm: slice gap (8|7\.9\d*|8\.0\d*) mm .*\(is a slice missing\?\)"
+    with pytest.raises(NonUniformSpacingError, match=missing):
+        convert_study(case, tmp_path / "out2", progress=False)

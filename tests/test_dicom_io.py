@@ -232,21 +232,43 @@ def test_gantry_tilt_tag_rejected(tmp_path: Path) -> None:
 def test_missing_slice_is_non_uniform_spacing(tmp_path: Path) -> None:
     folder = _write(tmp_path, shape=(3, 3, 5))
     (folder / "CT_0002.dcm").unlink()
-    with pytest.raises(dicom.NonUniformSpacingError, match=r"CT_0003.dcm: slice gap 4 mm.*median gap 2 mm"):
+    with pytest.raises(dicom.NonUniformSpacingError,
+                       match=r"CT_0003.dcm: slice gap 4 mm.*series' spacing 2.8 mm \(least-squares fit\).*missing"):
         dicom.read_series(folder)
 
 
-def test_gaps_that_add_up_off_the_grid_are_non_uniform_spacing(tmp_path: Path) -> None:
-    # 20 gaps: ten of 1.984 mm, then ten of 2.016 mm. Each is within 1 % of the median (2 mm), but slice 10 sits
-    # 0.16 mm below where the affine's uniform 2 mm grid puts it.
-    heights = np.concatenate([[0.0], np.cumsum([1.984] * 10 + [2.016] * 10)])
+def test_two_spacings_in_one_series_are_non_uniform_spacing(tmp_path: Path) -> None:
+    # Ten gaps of 1.9 mm, then ten of 2.1 mm: each gap is within 5 % of the fitted 2 mm, but slice 10 lies about 0.52 mm
+    # (a quarter of the spacing) below the fitted grid.
+    heights = np.concatenate([[0.0], np.cumsum([1.9] * 10 + [2.1] * 10)])
 
     def drift(k: int, ds: Dataset) -> None:
         ds.ImagePositionPatient = [0.0, 0.0, float(heights[k])]
 
     with pytest.raises(dicom.NonUniformSpacingError,
-                       match=r"CT_0010.dcm: ImagePositionPatient \(0020,0032\) lies -0.16 mm .* slice 10's place"):
+                       match=r"CT_0010.dcm: ImagePositionPatient \(0020,0032\) lies -0.52\d* mm .* slice 10's place"):
         dicom.read_series(_write(tmp_path, per_slice=drift, shape=(3, 3, 21)))
+
+
+def test_multi_bed_junction_jitter_is_accepted_on_the_fitted_grid_and_recorded(tmp_path: Path) -> None:
+    # Three beds of 7 slices at 3.27 mm, each bed's positions from its own start (the second 0.05 mm late, the third
+    # 0.08 mm early) rounded to 0.01 mm, as a GE Discovery ST writes them.
+    starts = [0.0, 7 * 3.27 + 0.05, 14 * 3.27 - 0.08]
+    heights = np.round([starts[k // 7] + (k % 7) * 3.27 for k in range(21)], 2)
+
+    def jitter(k: int, ds: Dataset) -> None:
+        ds.ImagePositionPatient = [0.0, 0.0, float(heights[k])]
+
+    series = dicom.read_series(_write(tmp_path, per_slice=jitter, shape=(3, 3, 21)))
+    # The affine is the least-squares line through the positions (computed here with numpy's lstsq).
+    design = np.stack([np.ones(21), np.arange(21.0)], axis=1)
+    (start, spacing), *_ = np.linalg.lstsq(design, heights, rcond=None)
+    assert series.volume.spacing[2] == pytest.approx(spacing, abs=1e-9)
+    k_axis_lps = (np.diag([-1.0, -1.0, 1.0]) @ series.volume.affine[:3, 3])[2]
+    assert k_axis_lps == pytest.approx(start, abs=1e-9)
+    deviation = np.max(np.abs(heights - (start + spacing * np.arange(21))))
+    assert 0.03 < deviation < 0.1
+    assert series.volume.meta["slice_position_max_deviation_mm"] == pytest.approx(deviation, abs=1e-9)
 
 
 @pytest.mark.parametrize(

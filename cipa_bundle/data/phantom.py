@@ -668,7 +668,7 @@ def _frame_average_offset_s(duration_s: float, half_life_s: float) -> float:
 
 def _write_dicom(case_dir: Path, case_id: str, seed: int, vendor: str, size: PhantomSize, timing: _Timing,
                  hu: np.ndarray, pet_values: np.ndarray, pet_units: str,
-                 philips_factors: tuple[str, str] | None) -> dict[str, str]:
+                 philips_factors: tuple[str, str] | None, pet_bed_jitter_mm: float = 0.0) -> dict[str, str]:
     """Write the CT and PET series; returns their SeriesInstanceUIDs and the shared FrameOfReferenceUID."""
     from pydicom.dataset import Dataset
 
@@ -719,6 +719,8 @@ def _write_dicom(case_dir: Path, case_id: str, seed: int, vendor: str, size: Pha
 
     z_pet = size.pet.axes()[2]
     duration = size.frame_duration_s
+    n_beds = int((z_pet[-1] - z_pet[0]) // size.bed_length_mm) + 1
+    bed_offsets = np.random.default_rng((int(seed), 7)).uniform(-1.0, 1.0, n_beds) * float(pet_bed_jitter_mm)
     t_avg = _frame_average_offset_s(duration, timing.half_life_s)
 
     def pet_slice(k: int, ds: Dataset) -> None:
@@ -732,6 +734,10 @@ def _write_dicom(case_dir: Path, case_id: str, seed: int, vendor: str, size: Pha
         ds.DecayFactor = round(2.0 ** (offset_s / timing.half_life_s), 6)
         ds.InstanceNumber = size.pet.shape[2] - k
         ds.ImageIndex = size.pet.shape[2] - k
+        if pet_bed_jitter_mm:
+            # The bed's own start, off the ideal grid, then the scanner's rounding to 0.01 mm.
+            x, y, z = (float(v) for v in ds.ImagePositionPatient)
+            ds.ImagePositionPatient = [x, y, round(z + float(bed_offsets[bed]), 2)]
 
     pet_files = write_image_series(
         pet_values, size.pet.affine, case_dir / "dicom" / "pet", "PT", uid_seed=uid_seed, series_number=2,
@@ -773,6 +779,7 @@ def make_phantom_case(
     noise: bool = True,
     blur: bool = True,
     case_index: int = 0,
+    pet_bed_jitter_mm: float = 0.0,
 ) -> Path:
     """Write one synthetic PET-CT study with its ground truth.
 
@@ -796,6 +803,10 @@ def make_phantom_case(
         noise: add PET noise (variance proportional to the SUV) and CT noise (12 HU SD). Off: values are exact.
         blur: blur the PET with a Gaussian PSF (``SIZES[size].pet_fwhm_mm`` FWHM).
         case_index: index of the case within a dataset (second component of the RNG seed).
+        pet_bed_jitter_mm: write the PET's slice positions as multi-bed scanners do: each bed
+            (``SIZES[size].bed_length_mm`` long) computes its positions from its own start, which is off the ideal
+            grid by up to this much (seeded), and rounds them to 0.01 mm. The pixel data stay those of the ideal
+            grid, so the SUV at each slice is the analytic truth to within the jitter. 0 (default): the exact grid.
 
     Returns:
         The case folder.
@@ -816,7 +827,7 @@ def make_phantom_case(
     case_dir = final_dir.with_name(f".{case_id}.tmp{os.getpid()}")
     shutil.rmtree(case_dir, ignore_errors=True)
     try:
-        _write_case(case_dir, case_id, seed, case_index, shift_arr, vendor, size, noise, blur)
+        _write_case(case_dir, case_id, seed, case_index, shift_arr, vendor, size, noise, blur, pet_bed_jitter_mm)
         if final_dir.exists():
             old = final_dir.with_name(f".{case_id}.old{os.getpid()}")
             os.replace(final_dir, old)
@@ -831,7 +842,7 @@ def make_phantom_case(
 
 
 def _write_case(case_dir: Path, case_id: str, seed: int, case_index: int, shift_arr: np.ndarray, vendor: str,
-                size: str, noise: bool, blur: bool) -> None:
+                size: str, noise: bool, blur: bool, pet_bed_jitter_mm: float = 0.0) -> None:
     """Everything :func:`make_phantom_case` writes, into ``case_dir``."""
     from cipa_bundle.io.nifti import save_json, save_nifti
 
@@ -867,7 +878,8 @@ def _write_case(case_dir: Path, case_id: str, seed: int, case_index: int, shift_
     else:
         suv_factor, units = factor_bw, "BQML"
         path = "ge_private_scan_datetime" if vendor == "ge" else "series_time"
-    uids = _write_dicom(case_dir, case_id, seed, vendor, spec, timing, hu, suv / suv_factor, units, philips_factors)
+    uids = _write_dicom(case_dir, case_id, seed, vendor, spec, timing, hu, suv / suv_factor, units, philips_factors,
+                        pet_bed_jitter_mm)
 
     tumour_mask = np.zeros(spec.ct.shape, dtype=np.uint8)
     voxel_ml = float(np.prod(spec.ct.spacing)) / 1000.0
@@ -893,6 +905,7 @@ def _write_case(case_dir: Path, case_id: str, seed: int, case_index: int, shift_
         "case_index": int(case_index),
         "size": size,
         "vendor": vendor,
+        "pet_bed_jitter_mm": float(pet_bed_jitter_mm),
         "noise": bool(noise),
         "blur": bool(blur),
         "pet_fwhm_mm": spec.pet_fwhm_mm if blur else 0.0,

@@ -275,7 +275,7 @@ def _prepare_dicom(study: Path, work_dir: Path, source: str, register: str, suv_
     # provenance lists (localizers set aside); headers alone are enough (no pixel data).
     ct_files = [study / name for name in provenance["ct"]["files"]]
     headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in ct_files]
-    order, affine = sort_and_measure(headers, ct_files)
+    order, affine, _ = sort_and_measure(headers, ct_files)
     ct_affine = nib.load(os.fspath(paths["ct"])).affine
     if order != list(range(len(headers))) or not np.allclose(affine, ct_affine, atol=1e-3, rtol=0):  # pragma: no cover
         raise RuntimeError(f"CT slice order of {study} disagrees with {paths['ct']}")  # guards the reader contract

@@ -488,4 +488,6 @@ def _series_record(series: Any, study: Path) -> dict[str, Any]:
         "shape": list(volume.shape),
         "spacing_mm": [float(s) for s in volume.spacing],
         "affine_ras": volume.affine.tolist(),
+        # Slices sit on a least-squares uniform grid; multi-bed PET jitters at its bed junctions (io.dicom).
+        "slice_position_max_deviation_mm": float(volume.meta.get("slice_position_max_deviation_mm", 0.0)),
     }
