@@ -171,6 +171,42 @@ def test_d2_philips_cnts_activity_concentration_scale_factor(tmp_path: Path) -> 
     assert "7053,1009" in prov.conversion
 
 
+def _philips_without_creator(offset: int, value: str, manufacturer: str = "Philips Medical Systems") -> Dataset:
+    """A CNTS header whose factor sits at (7053,10xx) with no private creator in group 7053, as anonymisers leave."""
+    header = pet_header(units="CNTS")
+    header.Manufacturer = manufacturer
+    header.add_new(0x70531000 + offset, "DS", value)
+    return header
+
+
+@pytest.mark.parametrize(("offset", "value", "expected"), [(0x00, "0.000628", 6.28000e-4), (0x09, "2.5", 6.90842e-4)])
+def test_d3_philips_factor_without_private_creator_is_read_at_its_conventional_element(
+    tmp_path: Path, offset: int, value: str, expected: float
+) -> None:
+    # The same factors as D1 and D2, hand-checked there: only the private creator is missing.
+    prov = check_case(tmp_path, write_pet(tmp_path / "pet", _philips_without_creator(offset, value)), expected)
+    assert f"7053,10{offset:02X}" in prov.conversion
+    assert any(suv.CONVENTIONAL_ELEMENT_NOTE in warning for warning in prov.warnings)
+    assert any(suv.CONVENTIONAL_ELEMENT_NOTE in tag for tag in prov.tags_used)
+
+
+@pytest.mark.parametrize(
+    ("manufacturer", "value", "words"),
+    [
+        ("SIEMENS", "0.000628", ("CNTS", "(7053,1000)")),  # not Philips: the element is not Philips's to read
+        ("Philips Medical Systems", "-1.0", ("(7053,1000)", "'-1.0'")),  # Philips, but not a positive factor
+        ("Philips Medical Systems", "nan", ("(7053,1000)", "'nan'")),
+    ],
+)
+def test_d3_conventional_element_is_refused_when_not_philips_or_not_positive_and_finite(
+    tmp_path: Path, manufacturer: str, value: str, words: tuple[str, ...]
+) -> None:
+    pet = write_pet(tmp_path / "pet", _philips_without_creator(0x00, value, manufacturer))
+    with pytest.raises(suv.PhilipsScaleFactorError) as refused:
+        library_factors(pet, "bw")
+    assert all(word in str(refused.value) for word in words), str(refused.value)
+
+
 def test_e_per_slice_slope_applied_per_instance(tmp_path: Path) -> None:
     # Stored 1000 in both slices, slope 2.5 on slice 0 and 0.5 on slice 1; InstanceNumber runs against position so
     # ordering by InstanceNumber would swap the slopes.

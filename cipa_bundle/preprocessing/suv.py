@@ -23,7 +23,10 @@ section 0):
    (the scan crossed midnight).
 4. Units: BQML; Philips CNTS through the private SUV scale factor (7053,1000), else the activity concentration
    scale factor (7053,1009) which turns the values into Bq/ml; GML with SUVType empty or BW (factor 1). Private tags
-   are found through their private creator, never a fixed element number.
+   are found through their private creator, never a fixed element number, with one exception: when the
+   Manufacturer is Philips and group 7053 holds no private creator at all (anonymisers and some exports drop it),
+   the factors are read at their conventional elements (7053,1000) / (7053,1009), as IBSI-conformant tools do, and
+   the provenance says so. A group 7053 reserved by another creator is never read that way.
 5. DecayCorrection: START (above), ADMIN (``f = W / D_inj``), NONE only with ``allow_decay_none=True`` (IBSI
    per-frame formula ``f = W / D_inj x lambda T / (1 - exp(-lambda T)) x exp(lambda (t_acq - t_inj))``).
 6. SUL uses the Janmahasatian lean body mass, SUVbsa the Du Bois body surface area (cm^2), both over ``D_ref``.
@@ -841,11 +844,33 @@ def _decay_seconds(s: _Series, t_ref: _dt.datetime, t_inj: _dt.datetime, half_li
 
 
 # ---------------------------------------------------------------------------------------------------- units
+#: What the provenance says when a Philips factor was read without its private creator.
+CONVENTIONAL_ELEMENT_NOTE = "private creator absent; conventional element used"
+
+
+def _without_private_creator(ds: Dataset, group: int) -> bool:
+    """Whether ``group`` reserves no private block: none of the creator elements (gggg,0010)-(gggg,00FF) exists."""
+    return not any(ds.get((group << 16) | element) is not None for element in range(0x10, 0x100))
+
+
+def _philips_factor(ds: Dataset, offset: int) -> tuple[Any, bool]:
+    """The raw Philips factor (7053,10xx) of one instance and whether it came from its conventional element."""
+    raw = _private(ds, 0x7053, PHILIPS_CREATOR, offset)
+    if raw is not None:
+        return raw, False
+    manufacturer = _text(_get(ds, "Manufacturer")).lower()
+    if "philips" in manufacturer and _without_private_creator(ds, 0x7053):
+        element = ds.get(0x70531000 + offset)
+        return (None if element is None else element.value), True
+    return None, False
+
+
 def _private_factors(s: _Series, offset: int, name: str) -> list[float] | None:
     """Per-instance Philips factor (7053,10xx) or ``None`` if absent/zero in any instance; bad values raise E8."""
     values: list[float] = []
+    conventional = False
     for n, ds in enumerate(s.datasets):
-        raw = _private(ds, 0x7053, PHILIPS_CREATOR, offset)
+        raw, conventional = _philips_factor(ds, offset)
         value = _number(raw)
         if value is None or value == 0.0:
             return None
@@ -856,7 +881,11 @@ def _private_factors(s: _Series, offset: int, name: str) -> list[float] | None:
                 file=s.file(n),
             )
         values.append(value)
-    s.use(f"(7053,10{offset:02X}) [{PHILIPS_CREATOR}]", name, _private(s.datasets[0], 0x7053, PHILIPS_CREATOR, offset))
+    where = f"(7053,10{offset:02X}) [{CONVENTIONAL_ELEMENT_NOTE if conventional else PHILIPS_CREATOR}]"
+    s.use(where, name, _philips_factor(s.datasets[0], offset)[0])
+    if conventional:
+        s.warn(f"Philips {name} (7053,10{offset:02X}): {CONVENTIONAL_ELEMENT_NOTE} (Manufacturer Philips, no private "
+               "creator in group 7053)")
     return values
 
 
