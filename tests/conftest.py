@@ -11,32 +11,23 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def _find_shared_reference() -> Path | None:
-    """The project's read-only reference notes (golden fixture, official key table), which are never copied in.
+def _find_shared(name: str, marker: str) -> Path | None:
+    """``shared/<name>``, read in place and never copied: found from ``$CIPA_SHARED_<NAME>``, beside the checkout, or
+    at the workplace's fixed location (so a fresh clone in a temporary folder still finds it), by ``marker`` inside.
 
-    Looked up from ``$CIPA_SHARED_REFERENCE``, beside the checkout, and at the workplace's fixed location, so a fresh
-    clone in a temporary folder still finds them.
+    ``reference`` holds the read-only notes (golden fixture, official key table); ``real`` the 8 real PET-CT patients
+    (CC BY 3.0; see its README).
     """
-    candidates = [os.environ.get("CIPA_SHARED_REFERENCE"), REPO_ROOT.parent / "shared" / "reference", "/work/shared/reference"]
+    candidates = [os.environ.get(f"CIPA_SHARED_{name.upper()}"), REPO_ROOT.parent / "shared" / name,
+                  f"/work/shared/{name}"]
     for candidate in candidates:
-        if candidate and (Path(candidate) / "cipa_official_state_dict.tsv").is_file():
+        if candidate and (Path(candidate) / marker).exists():
             return Path(candidate)
     return None
 
 
-SHARED_REFERENCE = _find_shared_reference()
-
-
-def _find_shared_real() -> Path | None:
-    """The 8 real PET-CT patients (``shared/real``, CC BY 3.0; see its README), read in place and never copied."""
-    candidates = [os.environ.get("CIPA_SHARED_REAL"), REPO_ROOT.parent / "shared" / "real", "/work/shared/real"]
-    for candidate in candidates:
-        if candidate and (Path(candidate) / "sts").is_dir():
-            return Path(candidate)
-    return None
-
-
-SHARED_REAL = _find_shared_real()
+SHARED_REFERENCE = _find_shared("reference", "cipa_official_state_dict.tsv")
+SHARED_REAL = _find_shared("real", "sts")
 
 # Two cores in CI: keep torch from oversubscribing when pytest runs several numba/torch kernels.
 torch.set_num_threads(min(2, os.cpu_count() or 1))

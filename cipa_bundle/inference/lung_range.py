@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.data.utils import affine_to_spacing
 
 from cipa_bundle.components import label_components
 from cipa_bundle.inference.postprocess import DEFAULT_BODY_THRESHOLD, fill_holes_2d
@@ -107,9 +108,9 @@ class LungSliceInferer(BodySliceInferer):
         affine = getattr(inputs, "affine", None)
         if affine is None:
             return np.ones(3)
-        matrix = np.asarray(torch.as_tensor(affine).detach().cpu(), dtype=np.float64)
+        matrix = torch.as_tensor(affine).detach().cpu().to(torch.float64)
         matrix = matrix[0] if matrix.ndim == 3 else matrix  # a batch's affines: one study per batch in inference
-        return np.linalg.norm(matrix[:3, :3], axis=0)
+        return np.asarray(affine_to_spacing(matrix, r=3))
 
     def slice_range(self, inputs: torch.Tensor) -> tuple[int, int]:
         first, stop = super().slice_range(inputs)

@@ -848,18 +848,13 @@ def _decay_seconds(s: _Series, t_ref: _dt.datetime, t_inj: _dt.datetime, half_li
 CONVENTIONAL_ELEMENT_NOTE = "private creator absent; conventional element used"
 
 
-def _without_private_creator(ds: Dataset, group: int) -> bool:
-    """Whether ``group`` reserves no private block: none of the creator elements (gggg,0010)-(gggg,00FF) exists."""
-    return not any(ds.get((group << 16) | element) is not None for element in range(0x10, 0x100))
-
-
 def _philips_factor(ds: Dataset, offset: int) -> tuple[Any, bool]:
     """The raw Philips factor (7053,10xx) of one instance and whether it came from its conventional element."""
     raw = _private(ds, 0x7053, PHILIPS_CREATOR, offset)
     if raw is not None:
         return raw, False
     manufacturer = _text(_get(ds, "Manufacturer")).lower()
-    if "philips" in manufacturer and _without_private_creator(ds, 0x7053):
+    if "philips" in manufacturer and not ds.private_creators(0x7053):
         element = ds.get(0x70531000 + offset)
         return (None if element is None else element.value), True
     return None, False
@@ -868,9 +863,8 @@ def _philips_factor(ds: Dataset, offset: int) -> tuple[Any, bool]:
 def _private_factors(s: _Series, offset: int, name: str) -> list[float] | None:
     """Per-instance Philips factor (7053,10xx) or ``None`` if absent/zero in any instance; bad values raise E8."""
     values: list[float] = []
-    conventional = False
-    for n, ds in enumerate(s.datasets):
-        raw, conventional = _philips_factor(ds, offset)
+    found = [_philips_factor(ds, offset) for ds in s.datasets]
+    for n, (raw, _) in enumerate(found):
         value = _number(raw)
         if value is None or value == 0.0:
             return None
@@ -881,8 +875,9 @@ def _private_factors(s: _Series, offset: int, name: str) -> list[float] | None:
                 file=s.file(n),
             )
         values.append(value)
+    conventional = any(from_element for _, from_element in found)
     where = f"(7053,10{offset:02X}) [{CONVENTIONAL_ELEMENT_NOTE if conventional else PHILIPS_CREATOR}]"
-    s.use(where, name, _philips_factor(s.datasets[0], offset)[0])
+    s.use(where, name, found[0][0])
     if conventional:
         s.warn(f"Philips {name} (7053,10{offset:02X}): {CONVENTIONAL_ELEMENT_NOTE} (Manufacturer Philips, no private "
                "creator in group 7053)")
