@@ -57,6 +57,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from cipa_bundle.errors import CipaInputError
+from cipa_bundle.io.multiframe import frame_datasets, frame_number, is_multiframe
 from cipa_bundle.io.volume import LPS_TO_RAS, Volume
 
 __all__ = [
@@ -156,6 +157,8 @@ class DicomSeries:
         study_uid: StudyInstanceUID (empty if absent).
         frame_of_reference_uid: FrameOfReferenceUID (empty if absent).
         set_aside: files of the series that are not part of the volume (localizers), in path order.
+        sources: where each ``k`` came from, for messages: the file, or ``"<file> frame <n>"`` for a frame of a
+            multi-frame object (whose views, in ``datasets``, all name that one file in ``files``).
     """
 
     volume: Volume
@@ -166,6 +169,7 @@ class DicomSeries:
     study_uid: str
     frame_of_reference_uid: str
     set_aside: list[Path] = field(default_factory=list)
+    sources: list[Path] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------------- discovery
@@ -537,22 +541,39 @@ def read_series(
     mod = modalities.pop()
     if modality is not None and mod != modality:
         raise NoSeriesFoundError(f"{files[0]}: Modality (0008,0060) = {mod!r}; expected {modality!r}")
+    # A multi-frame object becomes one single-frame view per frame, so that everything below applies unchanged.
+    labels: list[Path] = []
+    if any(is_multiframe(ds) for ds in datasets):
+        views: list[Dataset] = []
+        view_files: list[Path] = []
+        for ds, path in zip(datasets, files):
+            frames = frame_datasets(ds, path) if is_multiframe(ds) else [ds]
+            views.extend(frames)
+            view_files.extend([path] * len(frames))
+            labels.extend(
+                Path(f"{path} frame {frame_number(v)}") if frame_number(v) else path for v in frames
+            )
+        datasets, files = views, view_files
+    else:
+        labels = list(files)
     scouts = [is_localizer(ds) for ds in datasets]
     if all(scouts):
         raise UnsupportedImageError(
             f"{files[0].parent}: every instance is a localizer (ImageType (0008,0008) contains LOCALIZER, e.g. "
             f"{files[0].name}); expected the slices of a volume"
         )
-    set_aside = [path for path, scout in zip(files, scouts) if scout]
+    set_aside = list(dict.fromkeys(path for path, scout in zip(files, scouts) if scout))
     datasets = [ds for ds, scout in zip(datasets, scouts) if not scout]
     files = [path for path, scout in zip(files, scouts) if not scout]
+    labels = [label for label, scout in zip(labels, scouts) if not scout]
 
-    order, affine, max_deviation = sort_and_measure(datasets, files)
+    order, affine, max_deviation = sort_and_measure(datasets, labels)
     datasets = [datasets[i] for i in order]
     files = [files[i] for i in order]
+    labels = [labels[i] for i in order]
     rows, cols = int(datasets[0].Rows), int(datasets[0].Columns)
     array = np.empty((cols, rows, len(datasets)), dtype=np.float32)
-    for k, (ds, path) in enumerate(zip(datasets, files)):
+    for k, (ds, path) in enumerate(zip(datasets, labels)):
         stored, values = _modality_values(ds, path)
         if mod == "CT":
             values = _ct_air(stored, values, ds, path)
@@ -579,4 +600,5 @@ def read_series(
         study_uid=meta["study_uid"],
         frame_of_reference_uid=meta["frame_of_reference_uid"],
         set_aside=set_aside,
+        sources=labels,
     )

@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 
 from cipa_bundle.errors import CipaInputError
+from cipa_bundle.io.multiframe import frame_headers, frame_number, is_multiframe
 from cipa_bundle.io.volume import Volume
 from cipa_bundle.preprocessing.transforms import DEFAULT_CT_WINDOW_HU, DEFAULT_SUV_MAX
 
@@ -134,7 +135,10 @@ def find_study_series(
     from cipa_bundle.io.dicom import code_strings, find_series, is_localizer
 
     def header(path: Path) -> Any:
-        return pydicom.dcmread(path, stop_before_pixels=True)
+        # A multi-frame object answers with its first frame's attributes (CorrectedImage, ImageType may sit in its
+        # functional groups).
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        return frame_headers(ds, path)[0] if is_multiframe(ds) else ds
 
     root = Path(study_dir)
     summaries = []
@@ -480,10 +484,12 @@ def _series_record(series: Any, study: Path) -> dict[str, Any]:
         "study_uid": series.study_uid,
         "frame_of_reference_uid": series.frame_of_reference_uid,
         "modality": series.modality,
-        "n_instances": len(series.files),
+        "n_instances": len(set(series.files)),
         "folder": str(Path(series.files[0]).parent),
-        # Slice k of the volume is files[k]; the DICOM SEG of a prediction references these instances.
-        "files": [os.path.relpath(f, study) for f in series.files],
+        # Slice k of the volume is files[k] (a multi-frame object's file once, then frames[k] in it); the DICOM SEG
+        # of a prediction references these instances.
+        "files": [os.path.relpath(f, study) for f in dict.fromkeys(series.files)],
+        **({"frames": [frame_number(ds) for ds in series.datasets]} if frame_number(series.datasets[0]) else {}),
         "set_aside": [os.path.relpath(f, study) for f in series.set_aside],
         "shape": list(volume.shape),
         "spacing_mm": [float(s) for s in volume.spacing],

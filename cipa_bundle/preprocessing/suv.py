@@ -83,6 +83,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from cipa_bundle.errors import CipaInputError
+from cipa_bundle.io.multiframe import MULTIFRAME_IMAGE_STORAGE
 
 __all__ = [
     "DecayCorrectionError",
@@ -116,6 +117,10 @@ __all__ = [
 SuvKind = Literal["bw", "lbm", "bsa"]
 
 PET_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.128"
+#: PET Image Storage and the multi-frame PET classes, whose frames the DICOM reader hands over as single-frame views.
+PET_SOP_CLASSES = frozenset(
+    {PET_IMAGE_STORAGE} | {uid for uid, name in MULTIFRAME_IMAGE_STORAGE.items() if "PET" in name}
+)
 PHILIPS_CREATOR = "Philips PET Private Group"
 GE_PET_CREATOR = "GEMS_PETD_01"
 
@@ -453,9 +458,10 @@ def _check_modality(s: _Series) -> None:
             raise NotPetError(
                 f"not a PET series: Modality (0008,0060) = {modality!r}; expected 'PT'", file=s.file(n)
             )
-        if sop != PET_IMAGE_STORAGE:
+        if sop not in PET_SOP_CLASSES:
             raise NotPetError(
-                f"not a PET series: SOPClassUID (0008,0016) = {sop!r}; expected PET Image Storage {PET_IMAGE_STORAGE}",
+                f"not a PET series: SOPClassUID (0008,0016) = {sop!r}; expected PET Image Storage {PET_IMAGE_STORAGE} "
+                "or its Enhanced / Legacy Converted Enhanced multi-frame form",
                 file=s.file(n),
             )
 
@@ -1137,7 +1143,7 @@ def pet_series_to_suv(
     factors, prov = suv_factors(
         series.datasets,
         kind,
-        files=series.files,
+        files=series.sources or series.files,
         mbq_heuristic=mbq_heuristic,
         allow_decay_none=allow_decay_none,
     )
