@@ -21,6 +21,7 @@ from cipa_bundle.data.phantom import make_phantom_case
 from cipa_bundle.errors import CipaInputError
 from cipa_bundle.io.dicom import DuplicatePositionError, read_series
 from cipa_bundle.io.multiframe import frame_datasets, frame_number
+from cipa_bundle.io.seg import read_dicom_seg_mask, write_dicom_seg
 from cipa_bundle.preprocessing.convert import convert_study
 
 _CONVERTERS = {"ct": hd.legacy.LegacyConvertedEnhancedCTImage, "pet": hd.legacy.LegacyConvertedEnhancedPETImage}
@@ -107,3 +108,28 @@ def test_a_broken_multiframe_object_is_refused_naming_the_file_frame_and_tag(tmp
     ds.save_as(path, enforce_file_format=False)
     with pytest.raises(CipaInputError, match=r"ct_multiframe\.dcm: SOPClassUID \(0008,0016\) = '1\.2\.840\.10008\.5\.1\.4\.1\.1\.4\.1'"):
         read_series(study / "ct")
+
+
+def test_a_seg_of_a_multiframe_ct_references_its_frames_and_reads_back_onto_the_ct_grid(tmp_path: Path) -> None:
+    case = make_phantom_case(tmp_path, "case", seed=9, vendor="siemens")
+    study = _multiframe_study(case, tmp_path / "multiframe")
+    ct = read_series(study / "ct", modality="CT")
+    truth = np.asarray(nib.load(case / "label.nii.gz").dataobj).astype(np.uint8)
+    assert truth.shape == ct.volume.shape and truth.any()
+
+    seg_path = write_dicom_seg(truth, ct.datasets, tmp_path / "seg.dcm")
+    np.testing.assert_array_equal(read_dicom_seg_mask(seg_path, ct.datasets), truth)
+
+    # Each SEG frame names the CT object and the frame whose plane it lies in.
+    seg = pydicom.dcmread(seg_path)
+    ct_object = pydicom.dcmread(study / "ct" / "ct_multiframe.dcm", stop_before_pixels=True)
+    positions = {
+        n + 1: [float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient]
+        for n, item in enumerate(ct_object.PerFrameFunctionalGroupsSequence)
+    }
+    assert int(seg.NumberOfFrames) == int(np.count_nonzero(truth.any(axis=(0, 1))))
+    for item in seg.PerFrameFunctionalGroupsSequence:
+        source = item.DerivationImageSequence[0].SourceImageSequence[0]
+        assert source.ReferencedSOPInstanceUID == ct_object.SOPInstanceUID
+        seg_position = [float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient]
+        np.testing.assert_allclose(seg_position, positions[int(source.ReferencedFrameNumber)], atol=1e-3)

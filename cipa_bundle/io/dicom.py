@@ -57,7 +57,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from cipa_bundle.errors import CipaInputError
-from cipa_bundle.io.multiframe import frame_datasets, frame_number, is_multiframe
+from cipa_bundle.io.multiframe import frame_datasets, frame_number, is_multiframe, source_object
 from cipa_bundle.io.volume import LPS_TO_RAS, Volume
 
 __all__ = [
@@ -580,6 +580,9 @@ def read_series(
         array[:, :, k] = values.T  # DICOM pixel rows are j, columns are i
         if not keep_pixel_data and "PixelData" in ds:
             del ds.PixelData
+        multiframe = source_object(ds)
+        if not keep_pixel_data and multiframe is not None and "PixelData" in multiframe:
+            del multiframe.PixelData
 
     first = datasets[0]
     meta: dict[str, Any] = {

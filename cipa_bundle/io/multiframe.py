@@ -31,9 +31,9 @@ unchanged, so one object gives exactly the NIfTI that its single-frame series gi
 same reasons. highdicom's volume API (``highdicom.Image.get_volume``) reads geometry and pixels but not the SUV
 inputs and would bypass those checks; pydicom decodes the pixel data (any transfer syntax it or GDCM reads).
 
-A view is only an in-memory dataset: it shares the object's SOPInstanceUID, and
-:data:`FRAME_NUMBER_ATTRIBUTE` holds its 1-based frame number, which writers of derived objects (DICOM SEG,
-RTSTRUCT) need to reference the frame.
+A view is only an in-memory dataset: it shares the object's SOPInstanceUID, :func:`frame_number` gives its 1-based
+frame number and :func:`source_object` the object itself, which writers of derived objects (DICOM SEG, RTSTRUCT)
+need to reference the frame.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ __all__ = [
     "frame_headers",
     "frame_number",
     "is_multiframe",
+    "source_object",
 ]
 
 #: SOP classes of the multi-frame CT and PET objects this module reads.
@@ -63,8 +64,10 @@ MULTIFRAME_IMAGE_STORAGE = {
     "1.2.840.10008.5.1.4.1.1.128.1": "Legacy Converted Enhanced PET Image Storage",
 }
 
-#: Python attribute (not a DICOM element: it is never written) holding a view's 1-based frame number.
+#: Python attributes (not DICOM elements: they are never written) holding a view's 1-based frame number and the
+#: multi-frame object it was taken from.
 FRAME_NUMBER_ATTRIBUTE = "cipa_frame_number"
+SOURCE_OBJECT_ATTRIBUTE = "cipa_source_object"
 
 # Top-level elements a view must not inherit: the functional groups themselves (flattened instead) and the
 # object's pixel data and frame count (replaced by the frame's).
@@ -96,6 +99,11 @@ def is_multiframe(ds: Dataset) -> bool:
 def frame_number(ds: Dataset) -> int | None:
     """The 1-based frame number of a view made by :func:`frame_datasets`; ``None`` for a single-frame instance."""
     return getattr(ds, FRAME_NUMBER_ATTRIBUTE, None)
+
+
+def source_object(ds: Dataset) -> Dataset | None:
+    """The multi-frame object a view was taken from (its pixel data may have been dropped); ``None`` otherwise."""
+    return getattr(ds, SOURCE_OBJECT_ATTRIBUTE, None)
 
 
 def _group_attributes(group_item: Dataset) -> list:
@@ -152,6 +160,7 @@ def frame_headers(ds: Dataset, path: str | Path) -> list[Dataset]:
                 setattr(view, classic, str(int(round(float(value)))) if classic == "ActualFrameDuration" else value)
         view.filename = str(path)
         setattr(view, FRAME_NUMBER_ATTRIBUTE, n + 1)
+        setattr(view, SOURCE_OBJECT_ATTRIBUTE, ds)
         views.append(view)
     return views
 

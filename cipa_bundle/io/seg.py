@@ -28,6 +28,7 @@ from pydicom.dataset import Dataset
 
 from cipa_bundle.errors import CipaInputError
 from cipa_bundle.io.atomic import atomic_outputs
+from cipa_bundle.io.multiframe import frame_number, source_object
 
 __all__ = ["SEG_SOP_CLASS_UID", "write_dicom_seg", "read_dicom_seg_mask"]
 
@@ -91,10 +92,30 @@ def _check_sources(source_ct_datasets: Sequence[Dataset]) -> tuple[int, int]:
                     f"{_source_name(ds, k)}: tag {keyword} is {ds[keyword].value!r}, expected {first[keyword].value!r} "
                     "as in the first slice (all source slices must come from one CT series)"
                 )
-    uids = [str(ds.SOPInstanceUID) for ds in source_ct_datasets]
-    if len(set(uids)) != len(uids):
-        raise CipaInputError("source_ct_datasets: tag SOPInstanceUID repeats; expected one dataset per CT slice")
+    # Frames of one multi-frame CT share its SOPInstanceUID; the frame number tells them apart.
+    slices = [(str(ds.SOPInstanceUID), frame_number(ds)) for ds in source_ct_datasets]
+    if len(set(slices)) != len(slices):
+        raise CipaInputError(
+            "source_ct_datasets: tag SOPInstanceUID (and frame number) repeats; expected one dataset per CT slice"
+        )
     return int(first.Rows), int(first.Columns)
+
+
+def _multiframe_source(source_ct_datasets: Sequence[Dataset]) -> tuple[Dataset, list[int]] | None:
+    """``(object, frame numbers in k order)`` when the CT slices are frames of one multi-frame CT, else ``None``.
+
+    Raises:
+        CipaInputError: the slices mix single-frame instances and frames, or frames of several objects.
+    """
+    objects = [source_object(ds) for ds in source_ct_datasets]
+    if all(obj is None for obj in objects):
+        return None
+    if any(obj is None for obj in objects) or len({id(obj) for obj in objects}) != 1:
+        raise CipaInputError(
+            f"source_ct_datasets of series {source_ct_datasets[0].SeriesInstanceUID}: mix single-frame instances and "
+            "frames of multi-frame objects, or frames of several objects; expected one or the other"
+        )
+    return objects[0], [int(frame_number(ds)) for ds in source_ct_datasets]  # type: ignore[arg-type]
 
 
 def _with_type2_attributes(ds: Dataset) -> Dataset:
@@ -205,9 +226,18 @@ def write_dicom_seg(
         ),
         anatomic_regions=[codes.SCT.Lung],
     )
+    multiframe = _multiframe_source(source_ct_datasets)
+    if multiframe is None:
+        source_images = [_with_type2_attributes(ds) for ds in source_ct_datasets]
+    else:
+        # A multi-frame source is referenced frame by frame: highdicom wants the mask in the object's frame order.
+        ct_object, numbers = multiframe
+        in_frame_order = np.zeros((int(ct_object.NumberOfFrames), rows, columns), dtype=np.uint8)
+        in_frame_order[np.asarray(numbers) - 1] = frames
+        frames, source_images = in_frame_order, [_with_type2_attributes(ct_object)]
     when = content_datetime or _dt.datetime.now()
     seg = hd.seg.Segmentation(
-        source_images=[_with_type2_attributes(ds) for ds in source_ct_datasets],
+        source_images=source_images,
         pixel_array=frames,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[description],
@@ -294,13 +324,23 @@ def read_dicom_seg_mask(
         )
     # CT slices without a SEG frame are empty (write_dicom_seg drops empty frames); every instance the SEG refers
     # to was checked above to belong to this series, so a wrong series cannot silently read back as all zeros.
+    multiframe = _multiframe_source(source_ct_datasets)
     try:
-        pixels = seg.get_pixels_by_source_instance(
-            source_sop_instance_uids=wanted,
-            segment_numbers=[segment_number],
-            assert_missing_frames_are_empty=True,
-            dtype=np.uint8,
-        )
+        if multiframe is None:
+            pixels = seg.get_pixels_by_source_instance(
+                source_sop_instance_uids=wanted,
+                segment_numbers=[segment_number],
+                assert_missing_frames_are_empty=True,
+                dtype=np.uint8,
+            )
+        else:
+            pixels = seg.get_pixels_by_source_frame(
+                source_sop_instance_uid=wanted[0],
+                source_frame_numbers=multiframe[1],
+                segment_numbers=[segment_number],
+                assert_missing_frames_are_empty=True,
+                dtype=np.uint8,
+            )
     except (ValueError, RuntimeError, AttributeError) as err:
         raise CipaInputError(
             f"{path}: frames cannot be mapped to CT slices through their DerivationImageSequence/SourceImageSequence "
