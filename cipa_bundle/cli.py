@@ -122,7 +122,8 @@ class Commands:
         label: str | None = None,
         ct_series: str | None = None,
         pet_series: str | None = None,
-        all_slices: bool = False,
+        label_rtstruct: str | None = None,
+        roi: str | None = None,
     ) -> dict[str, str]:
         """Convert a DICOM PET-CT study to ct/suv/suv_ct/image NIfTIs and provenance.json (PET resampled onto CT).
 
@@ -137,11 +138,15 @@ class Commands:
             label: tumour mask NIfTI on the CT grid for STUDIES_DIR (default: OUT_DIR/label.nii.gz if it exists).
             ct_series: SeriesInstanceUID of the CT series, when the folder holds several CT volumes.
             pet_series: SeriesInstanceUID of the PET series, when the folder holds several PET series.
+            label_rtstruct: an RTSTRUCT drawn on this CT: its ROI is rasterised onto the CT grid as
+                OUT_DIR/label.nii.gz (voxel centres, even-odd rule), which datalist studies and STUDIES_DIR take.
+            roi: the ROI (ROIName) of LABEL_RTSTRUCT, when it holds several.
         """
         from cipa_bundle.preprocessing.convert import convert_study
 
         written = convert_study(study_dir, out_dir, register, kind, studies_dir=studies_dir, case_id=_name(case_id),
-                                label=label, ct_series=_name(ct_series), pet_series=_name(pet_series))
+                                label=label, ct_series=_name(ct_series), pet_series=_name(pet_series),
+                                label_rtstruct=label_rtstruct, roi=_name(roi))
         return {k: str(v) for k, v in written.items()}
 
     def predict(
@@ -164,6 +169,7 @@ class Commands:
         ct_series: str | None = None,
         pet_series: str | None = None,
         all_slices: bool = False,
+        rtstruct: bool = False,
     ) -> dict[str, str]:
         """Segment lung tumours in one study: mask.nii.gz, seg.dcm (DICOM input), PNG overlays and report.json.
 
@@ -184,6 +190,7 @@ class Commands:
             ct_series: DICOM input: SeriesInstanceUID of the CT series, when the study holds several CT volumes.
             pet_series: DICOM input: SeriesInstanceUID of the PET series, when the study holds several PET series.
             all_slices: run the network on every body slice, not only the lungs' range plus 2 cm.
+            rtstruct: DICOM input: also write rtstruct.dcm, the mask's contours as an RTSTRUCT referencing the CT.
         """
         from cipa_bundle.inference.predict import predict
 
@@ -192,7 +199,7 @@ class Commands:
             encoder_depths=encoder_depths, decoder_depths=decoder_depths, sw_batch_size=sw_batch_size,
             probabilities=probabilities, device=device, register=register, suv_kind=kind, overrides=override,
             keep_intermediate=keep_intermediate, ct_series=_name(ct_series), pet_series=_name(pet_series),
-            all_slices=all_slices,
+            all_slices=all_slices, rtstruct=rtstruct,
         )
         return {k: str(v) for k, v in written.items()}
 

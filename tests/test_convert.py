@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -22,8 +23,11 @@ import pydicom.uid
 import pytest
 
 from cipa_bundle.cli import main
+from cipa_bundle.data.datalist import build_studies_datalist
 from cipa_bundle.data.phantom import make_phantom_case
 from cipa_bundle.errors import CipaInputError
+from cipa_bundle.io.dicom import read_series
+from cipa_bundle.io.rtstruct import write_rtstruct
 from cipa_bundle.preprocessing.convert import OUTPUT_FILES, StudyLayoutError, convert_study
 
 
@@ -294,3 +298,54 @@ def test_multi_bed_pet_with_junction_jitter_converts_to_the_analytic_suv(tmp_pat
     missing = r"PT_\d+\.dcm: slice gap (8|7\.9\d*|8\.0\d*) mm .*\(is a slice missing\?\)"
     with pytest.raises(NonUniformSpacingError, match=missing):
         convert_study(case, tmp_path / "out2", progress=False)
+
+
+def test_label_rtstruct_is_rasterised_onto_the_ct_grid_and_feeds_the_studies_datalist(
+    tmp_path: Path, clean_case: Path
+) -> None:
+    ct = read_series(clean_case / "dicom" / "ct", modality="CT")
+    truth_img = nib.load(clean_case / "label.nii.gz")
+    truth = np.asarray(truth_img.dataobj) > 0
+    rtstruct = write_rtstruct(truth.astype(np.uint8), ct.datasets, tmp_path / "rs.dcm", roi_name="GTV")
+
+    # A second ROI makes the choice ambiguous: refused in one line that lists both names, and nothing is written.
+    two_rois = pydicom.dcmread(rtstruct)
+    roi = copy.deepcopy(two_rois.StructureSetROISequence[0])
+    roi.ROINumber, roi.ROIName = 2, "Lung_R"
+    two_rois.StructureSetROISequence.append(roi)
+    contours = copy.deepcopy(two_rois.ROIContourSequence[0])
+    contours.ReferencedROINumber = 2
+    two_rois.ROIContourSequence.append(contours)
+    observation = copy.deepcopy(two_rois.RTROIObservationsSequence[0])
+    observation.ObservationNumber, observation.ReferencedROINumber = 2, 2
+    two_rois.RTROIObservationsSequence.append(observation)
+    two_rois.save_as(tmp_path / "rs_two.dcm")
+    refused = tmp_path / "refused"
+    proc = subprocess.run(
+        [sys.executable, "-m", "cipa_bundle", "convert", str(clean_case / "dicom"), str(refused),
+         "--label_rtstruct", str(tmp_path / "rs_two.dcm")],
+        capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("cipa-bundle: error:")]
+    assert len(lines) == 1 and "rs_two.dcm" in lines[0] and "GTV" in lines[0] and "Lung_R" in lines[0]
+    assert not refused.exists()
+
+    # --roi chooses; the label lands on the CT grid, equal to the mask the contours were drawn from.
+    root = tmp_path / "converted"
+    for case in ("c1", "c2"):
+        main(["convert", str(clean_case / "dicom"), str(root / case), "--label_rtstruct",
+              str(tmp_path / "rs_two.dcm"), "--roi", "GTV", "--studies_dir", str(tmp_path / "studies")])
+    label_img = nib.load(root / "c1" / "label.nii.gz")
+    label = np.asarray(label_img.dataobj)
+    assert label.dtype == np.uint8 and label_img.shape == truth.shape
+    np.testing.assert_allclose(label_img.affine, nib.load(root / "c1" / "ct.nii.gz").affine, atol=1e-6)
+    assert 2 * np.sum((label > 0) & truth) / (np.sum(label > 0) + np.sum(truth)) >= 0.98
+    record = json.loads((root / "c1" / "provenance.json").read_text())["label"]
+    assert record["roi"] == "GTV" and record["voxels"] == int(np.sum(label > 0))
+    # The MONAI Label studies folder gets the same label, and `datalist studies` pairs it with the image.
+    studies_label = tmp_path / "studies" / "labels" / "final" / "c1.nii.gz"
+    np.testing.assert_array_equal(np.asarray(nib.load(studies_label).dataobj), label)
+    doc = build_studies_datalist(root, val_fraction=0.5, seed=0)
+    items = doc["training"] + doc["validation"]
+    assert sorted(item["label"] for item in items) == ["c1/label.nii.gz", "c2/label.nii.gz"]

@@ -224,11 +224,12 @@ def test_inference_workflow_without_weights_ends_with_the_one_line_that_predict_
 # --------------------------------------------------------------------------------------------- predict
 def test_cli_predict_on_a_dicom_study(case: Path, tiny_checkpoint: Path, tmp_path: Path) -> None:
     from cipa_bundle.io.dicom import read_series
+    from cipa_bundle.io.rtstruct import read_rtstruct_mask
     from cipa_bundle.io.seg import read_dicom_seg_mask
 
     out = tmp_path / "pred"
     result = _run(["-m", "cipa_bundle", "predict", str(case / "dicom"), str(out), "--checkpoint", str(tiny_checkpoint),
-                   "--override", repr(NO_POSTPROCESSING)], cwd=tmp_path)
+                   "--override", repr(NO_POSTPROCESSING), "--rtstruct"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
 
     ct = read_series(case / "dicom" / "ct", modality="CT")
@@ -244,6 +245,21 @@ def test_cli_predict_on_a_dicom_study(case: Path, tiny_checkpoint: Path, tmp_pat
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == ct.series_uid
     assert referenced == {str(ds.SOPInstanceUID) for ds in ct.datasets}
     assert np.array_equal(read_dicom_seg_mask(out / "seg.dcm", ct.datasets), mask)
+
+    # RTSTRUCT: the mask's contours, referencing the CT's frame of reference and instances; rasterised back at voxel
+    # centres they give the mask.
+    rtstruct = pydicom.dcmread(out / "rtstruct.dcm")
+    assert rtstruct.Modality == "RTSTRUCT" and rtstruct.StructureSetROISequence[0].ReferencedFrameOfReferenceUID == (
+        ct.frame_of_reference_uid
+    )
+    contour_images = {
+        image.ReferencedSOPInstanceUID
+        for contour in rtstruct.ROIContourSequence[0].ContourSequence
+        for image in contour.ContourImageSequence
+    }
+    assert contour_images and contour_images <= {str(ds.SOPInstanceUID) for ds in ct.datasets}
+    back = read_rtstruct_mask(out / "rtstruct.dcm", ct)
+    assert 2 * np.sum((back > 0) & (mask > 0)) / (np.sum(back > 0) + np.sum(mask > 0)) >= 0.98
 
     report = json.loads((out / "report.json").read_text())
     for key in ("versions", "device", "timings_s", "suv_provenance", "tumor_count", "total_volume_ml", "lesions",
@@ -266,7 +282,7 @@ def test_cli_predict_on_a_dicom_study(case: Path, tiny_checkpoint: Path, tmp_pat
         with Image.open(out / name) as png:
             assert png.mode == "RGB" and min(png.size) > 16
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["mask.nii.gz", "seg.dcm", "overlay_axial.png", "mip_coronal.png", "report.json"]
+        ["mask.nii.gz", "seg.dcm", "rtstruct.dcm", "overlay_axial.png", "mip_coronal.png", "report.json"]
     )  # no temporary work folder left behind
 
 
@@ -281,6 +297,11 @@ def test_predict_on_a_ct_pet_nifti_pair(cropped: dict[str, Path], tiny_checkpoin
     mask_img = nib.load(written["mask"])
     assert mask_img.shape == ct.shape and np.array_equal(mask_img.affine, ct.affine)
     assert "seg" not in written and not (out / "seg.dcm").exists()
+    # An RTSTRUCT references CT instances, which a NIfTI pair does not have: refused by name, before inference.
+    with pytest.raises(CipaInputError, match=r"rtstruct=True needs a DICOM study as input .* nifti_pair input"):
+        predict(f"{cropped['ct']},{cropped['suv']}", tmp_path / "refused", tiny_checkpoint, rtstruct=True,
+                progress=False)
+    assert not (tmp_path / "refused" / "mask.nii.gz").exists()
     probabilities = nib.load(written["probabilities"])
     assert probabilities.get_data_dtype() == np.float32 and np.array_equal(probabilities.affine, ct.affine)
     assert np.array_equal(np.asarray(mask_img.dataobj), (np.asarray(probabilities.dataobj) >= 0.5).astype(np.uint8))

@@ -21,6 +21,7 @@ from cipa_bundle.data.phantom import make_phantom_case
 from cipa_bundle.errors import CipaInputError
 from cipa_bundle.io.dicom import DuplicatePositionError, read_series
 from cipa_bundle.io.multiframe import frame_datasets, frame_number
+from cipa_bundle.io.rtstruct import read_rtstruct_mask, write_rtstruct
 from cipa_bundle.io.seg import read_dicom_seg_mask, write_dicom_seg
 from cipa_bundle.preprocessing.convert import convert_study
 
@@ -133,3 +134,25 @@ def test_a_seg_of_a_multiframe_ct_references_its_frames_and_reads_back_onto_the_
         assert source.ReferencedSOPInstanceUID == ct_object.SOPInstanceUID
         seg_position = [float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient]
         np.testing.assert_allclose(seg_position, positions[int(source.ReferencedFrameNumber)], atol=1e-3)
+
+
+def test_an_rtstruct_of_a_multiframe_ct_references_its_frames_and_reads_back(tmp_path: Path) -> None:
+    case = make_phantom_case(tmp_path, "case", seed=9, vendor="ge")
+    study = _multiframe_study(case, tmp_path / "multiframe")
+    ct = read_series(study / "ct", modality="CT")
+    truth = np.asarray(nib.load(case / "label.nii.gz").dataobj).astype(np.uint8)
+
+    path = write_rtstruct(truth, ct.datasets, tmp_path / "rs.dcm")
+    np.testing.assert_array_equal(read_rtstruct_mask(path, ct), truth)
+    ct_object = pydicom.dcmread(study / "ct" / "ct_multiframe.dcm", stop_before_pixels=True)
+    heights = {
+        n + 1: float(item.PlanePositionSequence[0].ImagePositionPatient[2])
+        for n, item in enumerate(ct_object.PerFrameFunctionalGroupsSequence)
+    }
+    contours = pydicom.dcmread(path).ROIContourSequence[0].ContourSequence
+    assert len(contours) > 0
+    for contour in contours:
+        image = contour.ContourImageSequence[0]
+        assert image.ReferencedSOPInstanceUID == ct_object.SOPInstanceUID
+        # Axial phantom: the contour's z is the z of the frame it references.
+        assert float(contour.ContourData[2]) == pytest.approx(heights[int(image.ReferencedFrameNumber)], abs=1e-3)

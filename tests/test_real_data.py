@@ -1,4 +1,4 @@
-"""Real PET-CT studies through ``convert``: the 8 Soft-tissue-Sarcoma patients of ``../shared/real`` (TCIA, via the
+"""Real PET-CT studies through ``convert`` and ``predict``: the 8 Soft-tissue-Sarcoma patients of ``../shared/real`` (TCIA, via the
 IBSI validation set, CC BY 3.0; credited in docs/README.md), checked against the reference files MIRP wrote.
 
 The PET there is already SUVbw (Units GML), so reading it is the whole SUV path for these files; a GE Discovery ST
@@ -12,8 +12,15 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
+import torch
 
+from cipa_bundle.inference.predict import predict
+from cipa_bundle.io.dicom import read_series
+from cipa_bundle.io.rtstruct import read_rtstruct_mask
+from cipa_bundle.io.seg import read_dicom_seg_mask
+from cipa_bundle.networks import CIPA
 from cipa_bundle.preprocessing.convert import convert_study
 
 PATIENTS = [f"STS_{n:03d}" for n in range(2, 10)]
@@ -24,7 +31,7 @@ def test_real_study_converts_to_the_reference_suv_and_ct_grid(patient: str, shar
     study = shared_real / "sts" / patient
     if not study.is_dir():
         pytest.skip(f"{study} is absent")
-    paths = convert_study(study, tmp_path / "out", progress=False)
+    paths = convert_study(study, tmp_path / "out", progress=False, label_rtstruct=study / "CT" / "mask" / "RS.dcm")
 
     # The PET read as SUV equals MIRP's SUV image voxel for voxel (float32 rounding of the stored values x slope).
     suv, reference = nib.load(paths["suv"]), nib.load(study / "nifti" / "PET_image.nii.gz")
@@ -39,3 +46,51 @@ def test_real_study_converts_to_the_reference_suv_and_ct_grid(patient: str, shar
     np.testing.assert_allclose(ct.affine, mask.affine, atol=1e-3, rtol=0)
     provenance = json.loads(Path(paths["provenance"]).read_text())
     assert provenance["pet"]["slice_position_max_deviation_mm"] < 0.01  # MIRP re-wrote exact positions
+
+    # The expert's GTV contours, rasterised from the RTSTRUCT, reproduce MIRP's voxel mask of them.
+    label = nib.load(paths["label"])
+    np.testing.assert_allclose(label.affine, mask.affine, atol=1e-3, rtol=0)
+    ours_mask = np.asarray(label.dataobj) > 0
+    theirs_mask = np.asarray(mask.dataobj).reshape(ours_mask.shape) > 0
+    dice = 2 * np.sum(ours_mask & theirs_mask) / (np.sum(ours_mask) + np.sum(theirs_mask))
+    assert dice >= 0.98, f"{patient}: Dice {dice:.4f} against nifti/CT_mask.nii.gz"
+    assert provenance["label"]["roi"] == "GTV_Mass_CT"
+
+
+def test_predict_runs_end_to_end_on_a_real_study(shared_real: Path, tmp_path: Path) -> None:
+    """A small random-weight CIPA through ``cipa-bundle predict``: the outputs sit on the real CT and reference it."""
+    study = shared_real / "sts" / PATIENTS[0]
+    if not study.is_dir():
+        pytest.skip(f"{study} is absent")
+    torch.manual_seed(0)
+    weights = tmp_path / "tiny.pt"
+    torch.save(CIPA(img_size=128, dims=30, depths=[1, 1, 1, 1], decoder_depths=[1, 1, 1, 1]).state_dict(), weights)
+    out = tmp_path / "pred"
+    # Random weights mark tissue as readily as air; post-processing off keeps a non-empty mask to check the
+    # SEG and the RTSTRUCT against. The crop (5 cm around a limb tumour) holds no lung: every body slice runs.
+    # The study folder also holds the RTSTRUCTs, which are not image series; only CT and PET are chosen.
+    written = predict(study, out, weights, rtstruct=True, progress=False,
+                      overrides={"min_body_fraction": 0.0, "min_lesion_ml": 0.0})
+
+    ct = read_series(study / "CT" / "image", modality="CT")
+    mask_img = nib.load(written["mask"])
+    mask = np.asarray(mask_img.dataobj)
+    assert mask.shape == ct.volume.shape and 0 < mask.sum() < mask.size
+    np.testing.assert_allclose(mask_img.affine, ct.volume.affine, atol=1e-4)
+    ct_instances = {str(ds.SOPInstanceUID) for ds in ct.datasets}
+
+    seg = pydicom.dcmread(written["seg"])
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == ct.series_uid
+    assert seg.FrameOfReferenceUID == ct.frame_of_reference_uid
+    assert np.array_equal(read_dicom_seg_mask(written["seg"], ct.datasets), mask)
+
+    rtstruct = pydicom.dcmread(written["rtstruct"])
+    assert rtstruct.StructureSetROISequence[0].ReferencedFrameOfReferenceUID == ct.frame_of_reference_uid
+    referenced = {
+        image.ReferencedSOPInstanceUID
+        for contour in rtstruct.ROIContourSequence[0].ContourSequence
+        for image in contour.ContourImageSequence
+    }
+    assert referenced and referenced <= ct_instances
+    back = read_rtstruct_mask(written["rtstruct"], ct) > 0
+    assert 2 * np.sum(back & (mask > 0)) / (np.sum(back) + np.sum(mask > 0)) >= 0.98

@@ -13,6 +13,7 @@ Two layers:
    ``mask.nii.gz``             uint8 binary tumour mask (moved in from the workflow's output)
    ``probabilities.nii.gz``    float32 sigmoid probabilities, on request
    ``seg.dcm``                 DICOM SEG referencing the source CT series (DICOM input only)
+   ``rtstruct.dcm``            RTSTRUCT of the mask's contours referencing the CT, on request (DICOM input only)
    ``overlay_axial.png``       axial slice of maximum tumour extent, PET on CT, mask contour
    ``mip_coronal.png``         coronal PET MIP with the projected contour
    ``report.json``             versions, device, timings, SUV provenance, tumour count, per-lesion volume (ml),
@@ -37,6 +38,7 @@ from cipa_bundle.inference.inputs import PreparedInput, case_name
 __all__ = [
     "MASK_NIFTI",
     "PROBABILITIES_NIFTI",
+    "RTSTRUCT_DICOM",
     "SEG_DICOM",
     "AtomicNiftiWriter",
     "CaseFolderLayout",
@@ -47,6 +49,7 @@ __all__ = [
 MASK_NIFTI = "mask.nii.gz"
 PROBABILITIES_NIFTI = "probabilities.nii.gz"
 SEG_DICOM = "seg.dcm"
+RTSTRUCT_DICOM = "rtstruct.dcm"
 
 #: Display window for a CT channel that is already windowed to [0, 1] (level, width): shows it as stored.
 _UNIT_WINDOW = (0.5, 1.0)
@@ -156,6 +159,7 @@ def write_outputs(
     timings: Mapping[str, float],
     extra: Mapping[str, Any] | None = None,
     also_written: Sequence[str] = (),
+    rtstruct: bool = False,
 ) -> dict[str, Path]:
     """Write the DICOM SEG (DICOM input), the two PNG figures and ``report.json`` for one predicted mask.
 
@@ -167,9 +171,11 @@ def write_outputs(
         timings: stage -> seconds so far; the time spent here is added as ``"outputs"``.
         extra: more report keys (input, model, post-processing settings...).
         also_written: names of other files the caller wrote into ``out_dir`` (listed in the report).
+        rtstruct: also write ``rtstruct.dcm`` (DICOM input only).
 
     Returns:
-        ``{"seg": path (DICOM only), "overlay_axial": path, "mip_coronal": path, "report": path}``.
+        ``{"seg": path (DICOM only), "rtstruct": path (on request), "overlay_axial": path, "mip_coronal": path,
+        "report": path}``.
 
     Raises:
         CipaInputError: a mask that is not on the grid of the prepared image.
@@ -177,6 +183,7 @@ def write_outputs(
     import time
 
     from cipa_bundle.errors import CipaInputError
+    from cipa_bundle.io.rtstruct import write_rtstruct
     from cipa_bundle.io.seg import write_dicom_seg
     from cipa_bundle.io.volume import Volume
     from cipa_bundle.report import lesion_statistics, voxel_volume_ml, write_overlays, write_report
@@ -194,6 +201,12 @@ def write_outputs(
     written: dict[str, Path] = {}
     if prepared.ct_datasets:
         written["seg"] = write_dicom_seg(mask.array, prepared.ct_datasets, out / SEG_DICOM)
+        if rtstruct:
+            written["rtstruct"] = write_rtstruct(mask.array, prepared.ct_datasets, out / RTSTRUCT_DICOM)
+    elif rtstruct:
+        raise CipaInputError(
+            f"{prepared.source}: an RTSTRUCT needs the CT DICOM instances; the input is {prepared.kind}"
+        )
 
     suv = _load(prepared.suv) if prepared.suv is not None else None
     if prepared.ct is not None:

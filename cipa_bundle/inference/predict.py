@@ -280,6 +280,7 @@ def predict(
     keep_intermediate: bool = False,
     progress: bool = True,
     all_slices: bool = False,
+    rtstruct: bool = False,
 ) -> dict[str, Path]:
     """Segment lung tumours in one PET-CT study and write the mask, DICOM SEG, figures and report.
 
@@ -305,6 +306,8 @@ def predict(
         progress: show progress bars.
         all_slices: run the network on every body slice; by default only the lungs' axial range plus 2 cm each way
             runs (:class:`~cipa_bundle.inference.lung_range.LungSliceInferer`), the rest is background.
+        rtstruct: DICOM input: also write ``rtstruct.dcm``, the mask's contours as an RTSTRUCT referencing the CT
+            (for radiotherapy systems, which read RTSTRUCT rather than SEG).
 
     Returns:
         ``{"mask": path, ...}``: every file written.
@@ -338,6 +341,11 @@ def predict(
         prepared = prepare_input(input, work / "input", pet=pet, register=register, suv_kind=suv_kind,
                                  ct_series=ct_series, pet_series=pet_series, progress=progress)
         timings["prepare"] = time.perf_counter() - start
+        if rtstruct and not prepared.ct_datasets:
+            raise CipaInputError(
+                f"predict: rtstruct=True needs a DICOM study as input (an RTSTRUCT references the CT instances); "
+                f"{input} is a {prepared.kind} input"
+            )
 
         mark = time.perf_counter()
         workflow_out = work / "workflow"
@@ -385,7 +393,8 @@ def predict(
                                ("threshold", "min_lesion_ml", "min_body_fraction", "body_threshold")},
         }
         written.update(write_outputs(prepared, written["mask"], out, device=_device_name(parsed("device")),
-                                     timings=timings, extra=extra, also_written=[p.name for p in written.values()]))
+                                     timings=timings, extra=extra, also_written=[p.name for p in written.values()],
+                                     rtstruct=rtstruct))
     finally:
         if not keep_intermediate:
             shutil.rmtree(work, ignore_errors=True)

@@ -8,9 +8,10 @@ RTSTRUCT that references the CT it was drawn on (:func:`write_rtstruct`).
 Guarantees:
 
 * **Voxel-centre rule.** A voxel belongs to the ROI when its *centre* lies inside the contour (point in polygon),
-  not when the polygon covers some or most of its area. This is the rule of MIRP and of the IBSI reference masks;
-  on the 8 IBSI STS patients it reproduces MIRP's masks voxel for voxel. A centre exactly on a contour counts as
-  inside that contour (scikit-image's rule); real contours almost never pass exactly through a centre.
+  not when the polygon covers some or most of its area. MIRP (which made the IBSI reference masks) uses the same
+  rule: on the 8 IBSI STS patients the masks read here equal MIRP's voxel for voxel. A centre exactly on a contour
+  counts as inside that contour (scikit-image's rule; so on a hole's edge it is outside); real contours almost
+  never pass exactly through a centre.
 * **Even-odd rule.** Several contours of one ROI on one slice are combined by XOR (parity): a contour inside another
   is a hole, an island inside that hole is filled again. This is how planning systems store holes (DICOM has no
   separate "hole" flag) and it does not depend on the orientation in which contours were drawn.
@@ -30,13 +31,15 @@ Axis conventions: masks are ``(I, J, K)`` = [column, row, slice] as in :class:`~
 
 Choice of library: scikit-image. ``skimage.draw.polygon`` tests voxel centres (what the rule above needs) and
 ``skimage.measure.find_contours`` gives closed sub-voxel contours; it is maintained, numpy-native and light.
-rt-utils was not used: it needs opencv-python (a large binary with GUI libraries) and its ``cv2.fillPoly`` fills
-pixel-boundary polygons, which marks voxels whose centre is outside the contour. highdicom has no RTSTRUCT support.
+rt-utils was not used: it needs opencv-python (a large binary with GUI libraries) and its ``cv2.fillPoly`` rounds
+vertices to whole pixels and fills every pixel the edges touch, so boundary voxels whose centre is outside the
+contour are marked. highdicom has no RTSTRUCT support.
 The dataset itself is built with pydicom.
 """
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import os
 import warnings
@@ -57,6 +60,7 @@ from pydicom.valuerep import format_number_as_ds
 
 from cipa_bundle.errors import CipaInputError
 from cipa_bundle.io.atomic import atomic_outputs
+from cipa_bundle.io.source_ct import TYPE2_PATIENT_STUDY, binary_mask_on_ct, check_source_ct, referenced_image
 from cipa_bundle.io.volume import LPS_TO_RAS
 
 if TYPE_CHECKING:
@@ -84,35 +88,8 @@ _SLICE_TOL_FRACTION = 0.1
 # shortest representation stays well inside the 16 characters DS allows.
 _DS_DECIMALS = 4
 
-# Type-2 attributes copied from the CT (present, possibly empty, in the output).
-_TYPE2_COPIED = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-    "StudyID",
-    "AccessionNumber",
-)
-
 # Type-3 attributes copied when the CT has them, so that viewers group the RTSTRUCT with its study.
 _OPTIONAL_COPIED = ("StudyDescription", "PatientAge", "PatientWeight", "PatientSize")
-
-# CT attributes without which the contours cannot be placed or referenced.
-_REQUIRED_SOURCE = (
-    "SOPInstanceUID",
-    "SOPClassUID",
-    "SeriesInstanceUID",
-    "StudyInstanceUID",
-    "FrameOfReferenceUID",
-    "Rows",
-    "Columns",
-    "ImagePositionPatient",
-    "ImageOrientationPatient",
-    "PixelSpacing",
-)
 
 
 class RtStructError(CipaInputError):
@@ -177,7 +154,7 @@ def _select_roi(path: Path, ds: Dataset, roi: str | None) -> Dataset:
                 "choose one with --roi NAME (roi=NAME)"
             )
         return items[0]
-    matches = [item for item, name in zip(items, names) if name == roi]
+    matches = [item for item, name in zip(items, names, strict=True) if name == roi]
     if not matches:
         raise RtStructError(
             f"{path}: no ROI named {roi!r} in StructureSetROISequence (3006,0020); the ROIs are {names}"
@@ -384,6 +361,8 @@ def read_rtstruct_mask(
             unreadable ContourData, between or tilted across slices, or beyond the CT's slice range; or an ROI
             whose contours are all unusable (no closed planar contour).
     """
+    from skimage.draw import polygon
+
     path = Path(rtstruct_path)
     ds = _load(path)
     roi_item = _select_roi(path, ds, roi)
@@ -410,8 +389,6 @@ def read_rtstruct_mask(
     skipped: Counter[str] = Counter()
     used = 0
     clipped = 0
-    from skimage.draw import polygon
-
     for index, item in enumerate(contours, start=1):
         label = _contour_label(item, index)
         kind = str(item.get("ContourGeometricType", "")).strip()
@@ -428,9 +405,8 @@ def read_rtstruct_mask(
             skipped["degenerate CLOSED_PLANAR (fewer than 3 points or zero area)"] += 1
             continue
         # Voxel centres are at integer indices, so the grid's outer edge is at -0.5 and size - 0.5.
-        if ci.min() < -0.5 - 1e-3 or cj.min() < -0.5 - 1e-3 or ci.max() > shape[0] - 0.5 + 1e-3 or cj.max() > (
-            shape[1] - 0.5 + 1e-3
-        ):
+        low_edge, high_edge = -0.5 - 1e-3, np.array(shape[:2]) - 0.5 + 1e-3
+        if min(ci.min(), cj.min()) < low_edge or ci.max() > high_edge[0] or cj.max() > high_edge[1]:
             clipped += 1
         rr, cc = polygon(ci, cj, shape=shape[:2])
         inside = np.zeros(shape[:2], dtype=bool)
@@ -457,66 +433,6 @@ def read_rtstruct_mask(
 
 
 # ---------------------------------------------------------------------------------------------------- writing
-def _source_name(ds: Dataset, k: int) -> str:
-    """How an error message names a source slice: its file when known, else its position in the list."""
-    filename = getattr(ds, "filename", None)
-    return f"{filename} (slice k={k})" if filename else f"source_ct_datasets[{k}]"
-
-
-def _check_sources(source_ct_datasets: Sequence[Dataset]) -> tuple[int, int]:
-    """Validate the CT headers and return ``(rows, columns)``.
-
-    Raises:
-        RtStructError: an empty list, a missing tag, or slices that differ in series, frame of reference, matrix
-            size, orientation or pixel spacing (the contours of all slices share one in-plane geometry).
-    """
-    if len(source_ct_datasets) == 0:
-        raise RtStructError("source_ct_datasets is empty: an RTSTRUCT needs the CT series its contours are drawn on")
-    first = source_ct_datasets[0]
-    for k, ds in enumerate(source_ct_datasets):
-        for keyword in _REQUIRED_SOURCE:
-            if keyword not in ds or ds[keyword].value in (None, ""):
-                raise RtStructError(
-                    f"{_source_name(ds, k)}: tag {keyword} is missing; an RTSTRUCT needs it to place and reference "
-                    "the contours"
-                )
-        for keyword in ("SeriesInstanceUID", "FrameOfReferenceUID", "Rows", "Columns"):
-            if ds[keyword].value != first[keyword].value:
-                raise RtStructError(
-                    f"{_source_name(ds, k)}: tag {keyword} is {ds[keyword].value!r}, expected "
-                    f"{first[keyword].value!r} as in the first slice (all slices must come from one CT series)"
-                )
-        for keyword in ("ImageOrientationPatient", "PixelSpacing"):
-            if not np.allclose([float(v) for v in ds[keyword].value], [float(v) for v in first[keyword].value],
-                               atol=1e-4):
-                raise RtStructError(
-                    f"{_source_name(ds, k)}: tag {keyword} is {list(ds[keyword].value)}, expected "
-                    f"{list(first[keyword].value)} as in the first slice"
-                )
-    uids = [str(ds.SOPInstanceUID) for ds in source_ct_datasets]
-    if len(set(uids)) != len(uids):
-        raise RtStructError("source_ct_datasets: tag SOPInstanceUID repeats; expected one dataset per CT slice")
-    return int(first.Rows), int(first.Columns)
-
-
-def _check_mask(mask_ijk: np.ndarray, expected: tuple[int, int, int], series_uid: str) -> np.ndarray:
-    """The mask as a bool ``(I, J, K)`` array, refusing a wrong shape or non-binary values."""
-    mask = np.asarray(mask_ijk)
-    if mask.shape != expected:
-        raise RtStructError(
-            f"mask_ijk has shape {mask.shape}, expected (Columns, Rows, slices) = {expected} from the CT series "
-            f"{series_uid}"
-        )
-    if mask.dtype != np.bool_:
-        values = np.unique(mask)
-        if not np.all(np.isin(values, (0, 1))):
-            raise RtStructError(
-                f"mask_ijk holds values {values[:6].tolist()}{'...' if values.size > 6 else ''}, expected a binary "
-                "mask of 0 and 1 (threshold probabilities first)"
-            )
-    return mask.astype(bool)
-
-
 def _trace_slice(plane: np.ndarray) -> list[np.ndarray]:
     """Closed contours around the ``True`` voxels of one ``(I, J)`` slice, as ``(N, 2)`` continuous (i, j) indices.
 
@@ -547,21 +463,12 @@ def _ds_strings(values: np.ndarray) -> list[str]:
     """Decimal strings for DS values, rounded to ``_DS_DECIMALS`` and never longer than DS's 16 characters."""
     out = []
     for value in np.round(values.astype(np.float64), _DS_DECIMALS):
-        text = repr(float(value))
-        if text.endswith(".0"):
-            text = text[:-2]
+        # repr is the shortest string that reads back as the same float, e.g. "-12.5" for -12.5000.
+        text = repr(float(value)).removesuffix(".0")
         if text == "-0":
             text = "0"
         out.append(text if len(text) <= 16 else format_number_as_ds(float(value)))
     return out
-
-
-def _referenced_image(ds: Dataset) -> Dataset:
-    """A ContourImageSequence item pointing at one CT slice."""
-    item = Dataset()
-    item.ReferencedSOPClassUID = ds.SOPClassUID
-    item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
-    return item
 
 
 def write_rtstruct(
@@ -609,13 +516,18 @@ def write_rtstruct(
 
     Raises:
         RtStructError: (a :class:`CipaInputError`) a mask of the wrong shape or with values other than 0/1, or CT
-            headers that cannot be referenced (empty list, missing tags, slices of several series or geometries).
+            headers that cannot be referenced (empty list, missing tags, slices of several series or geometries), or
+            a roi_name / structure_set_label too long for its DICOM value representation.
     """
     import cipa_bundle
 
-    rows, columns = _check_sources(source_ct_datasets)
+    rows, columns = check_source_ct(source_ct_datasets, "an RTSTRUCT", RtStructError)
     first = source_ct_datasets[0]
-    mask = _check_mask(mask_ijk, (columns, rows, len(source_ct_datasets)), str(first.SeriesInstanceUID))
+    mask = binary_mask_on_ct(mask_ijk, source_ct_datasets, RtStructError)
+    if not roi_name or len(roi_name) > 64 or "\\" in roi_name:
+        raise RtStructError(
+            f"roi_name {roi_name!r}: expected 1 to 64 characters without a backslash (VR LO of ROIName (3006,0026))"
+        )
     if len(structure_set_label) > 16:
         raise RtStructError(
             f"structure_set_label {structure_set_label!r} has {len(structure_set_label)} characters; expected at "
@@ -640,11 +552,13 @@ def write_rtstruct(
     ds.SOPInstanceUID = sop_uid
     ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
     # Patient and General Study: copied so that the RTSTRUCT joins the CT's study.
-    for keyword in _TYPE2_COPIED:
-        setattr(ds, keyword, first.get(keyword, "") or "")
-    for keyword in _OPTIONAL_COPIED:
-        if first.get(keyword, None) not in (None, ""):
-            setattr(ds, keyword, first.get(keyword))
+    # Elements are copied whole, value unchanged: a non-conforming value (the IBSI CTs' 17-18 character StudyID
+    # in a 16-character SH) must still match the CT's, and pydicom already warned once when decoding it.
+    for keyword in TYPE2_PATIENT_STUDY + _OPTIONAL_COPIED:
+        if keyword in first:
+            ds.add(copy.deepcopy(first[keyword]))
+        elif keyword in TYPE2_PATIENT_STUDY:
+            setattr(ds, keyword, "")
     ds.StudyInstanceUID = first.StudyInstanceUID
     # RT Series
     ds.Modality = "RTSTRUCT"
@@ -668,7 +582,7 @@ def write_rtstruct(
     ds.InstanceNumber = int(instance_number)
     series_ref = Dataset()
     series_ref.SeriesInstanceUID = first.SeriesInstanceUID
-    series_ref.ContourImageSequence = DicomSequence([_referenced_image(s) for s in source_ct_datasets])
+    series_ref.ContourImageSequence = DicomSequence([referenced_image(s) for s in source_ct_datasets])
     study_ref = Dataset()
     study_ref.ReferencedSOPClassUID = _STUDY_REFERENCE_SOP_CLASS_UID
     study_ref.ReferencedSOPInstanceUID = first.StudyInstanceUID
@@ -700,7 +614,7 @@ def write_rtstruct(
         for points_ij in _trace_slice(mask[:, :, k]):
             lps = origin + points_ij[:, :1] * step_i + points_ij[:, 1:] * step_j
             contour = Dataset()
-            contour.ContourImageSequence = DicomSequence([_referenced_image(source)])
+            contour.ContourImageSequence = DicomSequence([referenced_image(source)])
             contour.ContourGeometricType = "CLOSED_PLANAR"
             contour.NumberOfContourPoints = len(lps)
             contour.ContourNumber = len(contour_items) + 1

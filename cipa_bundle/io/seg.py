@@ -29,76 +29,12 @@ from pydicom.dataset import Dataset
 from cipa_bundle.errors import CipaInputError
 from cipa_bundle.io.atomic import atomic_outputs
 from cipa_bundle.io.multiframe import frame_number, source_object
+from cipa_bundle.io.source_ct import TYPE2_PATIENT_STUDY, binary_mask_on_ct, check_source_ct
 
 __all__ = ["SEG_SOP_CLASS_UID", "write_dicom_seg", "read_dicom_seg_mask"]
 
 #: Segmentation Storage SOP Class UID.
 SEG_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.66.4"
-
-# Type-2 patient/study attributes that highdicom copies from the first source image. DICOM only requires them to be
-# present (possibly empty), but anonymisers and some writers drop them; an empty value is the standard's answer.
-_TYPE2_COPIED = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "AccessionNumber",
-    "StudyID",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-)
-
-# Attributes without which the SEG cannot state where its frames lie; checked up front for a clear error.
-_REQUIRED_GEOMETRY = (
-    "SOPInstanceUID",
-    "SOPClassUID",
-    "SeriesInstanceUID",
-    "StudyInstanceUID",
-    "FrameOfReferenceUID",
-    "Rows",
-    "Columns",
-    "ImagePositionPatient",
-    "ImageOrientationPatient",
-    "PixelSpacing",
-)
-
-
-def _source_name(ds: Dataset, k: int) -> str:
-    """How an error message names a source slice: its file when known, else its position in the list."""
-    filename = getattr(ds, "filename", None)
-    return f"{filename} (slice k={k})" if filename else f"source_ct_datasets[{k}]"
-
-
-def _check_sources(source_ct_datasets: Sequence[Dataset]) -> tuple[int, int]:
-    """Validate the CT headers and return ``(rows, columns)``.
-
-    Raises:
-        CipaInputError: empty list, a missing geometry attribute, or slices from different series, frames of
-            reference or matrix sizes.
-    """
-    if len(source_ct_datasets) == 0:
-        raise CipaInputError("source_ct_datasets is empty: a DICOM SEG needs the CT series it was derived from")
-    first = source_ct_datasets[0]
-    for k, ds in enumerate(source_ct_datasets):
-        for keyword in _REQUIRED_GEOMETRY:
-            if keyword not in ds:
-                raise CipaInputError(
-                    f"{_source_name(ds, k)}: tag {keyword} is missing; a DICOM SEG needs it to reference the CT slice"
-                )
-        for keyword in ("SeriesInstanceUID", "FrameOfReferenceUID", "Rows", "Columns"):
-            if ds[keyword].value != first[keyword].value:
-                raise CipaInputError(
-                    f"{_source_name(ds, k)}: tag {keyword} is {ds[keyword].value!r}, expected {first[keyword].value!r} "
-                    "as in the first slice (all source slices must come from one CT series)"
-                )
-    # Frames of one multi-frame CT share its SOPInstanceUID; the frame number tells them apart.
-    slices = [(str(ds.SOPInstanceUID), frame_number(ds)) for ds in source_ct_datasets]
-    if len(set(slices)) != len(slices):
-        raise CipaInputError(
-            "source_ct_datasets: tag SOPInstanceUID (and frame number) repeats; expected one dataset per CT slice"
-        )
-    return int(first.Rows), int(first.Columns)
 
 
 def _multiframe_source(source_ct_datasets: Sequence[Dataset]) -> tuple[Dataset, list[int]] | None:
@@ -124,7 +60,7 @@ def _with_type2_attributes(ds: Dataset) -> Dataset:
     The copy shares element objects with ``ds`` (cheap, no pixel data) but has its own element dictionary, so the
     caller's dataset is never modified.
     """
-    if all(keyword in ds for keyword in _TYPE2_COPIED):
+    if all(keyword in ds for keyword in TYPE2_PATIENT_STUDY):
         return ds
     patched = Dataset()
     for element in ds:
@@ -132,7 +68,7 @@ def _with_type2_attributes(ds: Dataset) -> Dataset:
             patched.add(element)
     if hasattr(ds, "file_meta"):
         patched.file_meta = ds.file_meta
-    for keyword in _TYPE2_COPIED:
+    for keyword in TYPE2_PATIENT_STUDY:
         if keyword not in patched:
             setattr(patched, keyword, "")
     return patched
@@ -190,21 +126,8 @@ def write_dicom_seg(
 
     import cipa_bundle
 
-    rows, columns = _check_sources(source_ct_datasets)
-    mask = np.asarray(mask_ijk)
-    expected = (columns, rows, len(source_ct_datasets))
-    if mask.shape != expected:
-        raise CipaInputError(
-            f"mask_ijk has shape {mask.shape}, expected (Columns, Rows, slices) = {expected} from the CT series "
-            f"{source_ct_datasets[0].SeriesInstanceUID}"
-        )
-    if mask.dtype != np.bool_:
-        values = np.unique(mask)
-        if not np.all(np.isin(values, (0, 1))):
-            raise CipaInputError(
-                f"mask_ijk holds values {values[:6].tolist()}{'...' if values.size > 6 else ''}, expected a binary "
-                "mask of 0 and 1 (threshold probabilities first)"
-            )
+    rows, columns = check_source_ct(source_ct_datasets, "a DICOM SEG")
+    mask = binary_mask_on_ct(mask_ijk, source_ct_datasets)
     # DICOM frames are (rows, columns) = (j, i) planes, stacked along k.
     frames = np.ascontiguousarray(mask.astype(np.uint8).transpose(2, 1, 0))
     if omit_empty_frames and not frames.any():
@@ -292,7 +215,7 @@ def read_dicom_seg_mask(
     import highdicom as hd
     from pydicom.errors import InvalidDicomError
 
-    rows, columns = _check_sources(source_ct_datasets)
+    rows, columns = check_source_ct(source_ct_datasets, "a DICOM SEG")
     try:
         seg = hd.seg.segread(path)
     except (OSError, InvalidDicomError, ValueError, AttributeError) as err:

@@ -55,6 +55,7 @@ import numpy as np
 
 from cipa_bundle.errors import CipaInputError
 from cipa_bundle.io.multiframe import frame_headers, frame_number, is_multiframe
+from cipa_bundle.io.rtstruct import list_rois, read_rtstruct_mask
 from cipa_bundle.io.volume import Volume
 from cipa_bundle.preprocessing.transforms import DEFAULT_CT_WINDOW_HU, DEFAULT_SUV_MAX
 
@@ -298,6 +299,8 @@ def convert_study(
     label: str | os.PathLike[str] | None = None,
     ct_series: str | None = None,
     pet_series: str | None = None,
+    label_rtstruct: str | os.PathLike[str] | None = None,
+    roi: str | None = None,
 ) -> dict[str, Path]:
     """Convert a DICOM PET-CT study into ``ct``, ``suv``, ``suv_ct``, ``image`` NIfTIs and ``provenance.json``.
 
@@ -321,10 +324,15 @@ def convert_study(
             when that file exists. Copied unchanged (gzipped if it was a plain ``.nii``).
         ct_series: SeriesInstanceUID of the CT series, where the study holds several (see :func:`find_study_series`).
         pet_series: SeriesInstanceUID of the PET series, likewise.
+        label_rtstruct: an RTSTRUCT of contours drawn on this CT (clinical GTVs, for example): its ROI is rasterised
+            onto the CT grid (:func:`~cipa_bundle.io.rtstruct.read_rtstruct_mask`: voxel centres, even-odd rule) and
+            written as ``out_dir/label.nii.gz``, which ``datalist studies`` and ``studies_dir`` then take.
+        roi: the ROI (ROIName) to rasterise; needed when the RTSTRUCT holds several.
 
     Returns:
-        ``{"ct": path, "suv": path, "suv_ct": path, "image": path, "provenance": path}``, plus ``"studies_image"``
-        and (with a label) ``"studies_label"`` when ``studies_dir`` is given.
+        ``{"ct": path, "suv": path, "suv_ct": path, "image": path, "provenance": path}``, plus ``"label"`` with
+        ``label_rtstruct``, and ``"studies_image"`` and (with a label) ``"studies_label"`` when ``studies_dir`` is
+        given.
 
     Raises:
         CipaInputError: bad arguments, a study without exactly one CT and one PET series, unreadable DICOM
@@ -350,6 +358,12 @@ def convert_study(
     out = Path(out_dir)
     studies: tuple[Path, Path] | None = None
     label_path: Path | None = None
+    if label_rtstruct is not None and label is not None:
+        raise CipaInputError("convert: label and label_rtstruct both name the label; expected one of them")
+    if roi is not None and label_rtstruct is None:
+        raise CipaInputError("convert: roi names an ROI of an RTSTRUCT; it needs label_rtstruct as well")
+    if label_rtstruct is not None and not Path(label_rtstruct).is_file():
+        raise CipaInputError(f"convert: label_rtstruct {label_rtstruct} does not exist; expected an RTSTRUCT file")
     if studies_dir is not None:
         # Resolve first: out_dir may be "." or end in "..", whose own name says nothing.
         case = case_id if case_id is not None else out.resolve().name
@@ -360,7 +374,7 @@ def convert_study(
                 raise CipaInputError(
                     f"convert: label {label_path} does not exist; expected a NIfTI mask on the CT grid"
                 )
-        elif (out / _DEFAULT_LABEL).is_file():
+        elif label_rtstruct is not None or (out / _DEFAULT_LABEL).is_file():
             label_path = out / _DEFAULT_LABEL
     elif label is not None or case_id is not None:
         raise CipaInputError("convert: label and case_id name a MONAI Label study; they need studies_dir as well")
@@ -376,7 +390,12 @@ def convert_study(
         bar.update()
         step(steps[1])
         ct = read_series(ct_files, modality="CT")
-        if label_path is not None:  # before the slow steps: a label on another grid is a plain input error
+        # Before the slow steps: a label on another grid, or contours that do not fit this CT, are plain input errors.
+        rtstruct_label: np.ndarray | None = None
+        if label_rtstruct is not None:
+            rtstruct_label = read_rtstruct_mask(label_rtstruct, ct, roi)
+            roi_name = roi if roi is not None else list_rois(label_rtstruct)[0]
+        elif label_path is not None:
             _check_label_grid(label_path, ct.volume, out / "image.nii.gz", str(study))
         bar.update()
         step(steps[2])
@@ -430,7 +449,13 @@ def convert_study(
                 "suv_max": suv_max,
                 "network_normalisation_applied": False,
             },
-            "outputs": list(OUTPUT_FILES),
+            "outputs": list(OUTPUT_FILES) + ([_DEFAULT_LABEL] if rtstruct_label is not None else []),
+            "label": None if rtstruct_label is None else {
+                "rtstruct": str(label_rtstruct),
+                "roi": roi_name,
+                "voxels": int(np.count_nonzero(rtstruct_label)),
+                "rasterisation": "even-odd rule at CT voxel centres (scikit-image), on the CT grid",
+            },
             "monailabel_studies": None if studies is None else {
                 "image": str(studies[0]), "label": str(studies[1]) if label_path is not None else None,
                 "label_source": str(label_path) if label_path is not None else None,
@@ -446,6 +471,10 @@ def convert_study(
             lambda: text,
         ]
         finals = [out / name for name in OUTPUT_FILES]
+        if rtstruct_label is not None:
+            label_volume = Volume(rtstruct_label.astype(np.uint8), ct.volume.affine)
+            payloads.append(lambda: nifti_bytes(label_volume, gz=True))
+            finals.append(out / _DEFAULT_LABEL)
         extra: list[Path] = []  # the studies copies, renamed in the same all-or-nothing group
         if studies is not None:
             extra = [studies[0]] + ([studies[1]] if label_path is not None else [])
@@ -465,13 +494,16 @@ def convert_study(
                 image_index = OUTPUT_FILES.index("image.nii.gz")
                 shutil.copyfile(temps[image_index], temps[len(finals)])  # the same bytes, not a second encoding
                 _refuse_changed(extra[0], temps[len(finals)], f"the fused image converted from {study}")
-                if label_path is not None:
+                if rtstruct_label is not None:
+                    shutil.copyfile(temps[len(finals) - 1], temps[len(finals) + 1])
+                    _refuse_changed(extra[1], temps[len(finals) + 1], f"the label from {label_rtstruct}")
+                elif label_path is not None:
                     write(temps[len(finals) + 1], lambda: _gz_bytes(label_path))
                     _refuse_changed(extra[1], temps[len(finals) + 1], f"the label {label_path}")
         bar.update()
     finally:
         bar.close()
-    written = dict(zip(("ct", "suv", "suv_ct", "image", "provenance"), finals, strict=True))
+    written = dict(zip(("ct", "suv", "suv_ct", "image", "provenance", "label"), finals))
     written.update(zip(("studies_image", "studies_label"), extra))
     return written
 
