@@ -29,7 +29,7 @@ import datetime as _dt
 import math
 import os
 import platform
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,7 @@ MIN_DISPLAY_PIXELS = 512
 LUNG_WINDOW = (-600.0, 1500.0)
 
 _MASK_COLOUR = (0, 255, 0)  # green stands out on both grey CT and the red/yellow of the hot map
+_REFERENCE_COLOUR = (0, 200, 255)  # cyan: a ground truth beside the green prediction
 _MIP_CONTOUR_COLOUR = (255, 0, 0)
 
 
@@ -303,11 +304,12 @@ def _display_size(n_cols: int, n_rows: int, col_mm: float, row_mm: float, pixel_
 
 
 def _compose(
-    rgb: np.ndarray, mask_2d: np.ndarray, size: tuple[int, int], colour: tuple[int, int, int]
+    rgb: np.ndarray, outlines: Sequence[tuple[np.ndarray, tuple[int, int, int]]], size: tuple[int, int]
 ) -> np.ndarray:
-    """Resize a ``(rows, cols, 3)`` float image in ``[0, 1]`` to ``size`` and draw the mask's outline on it.
+    """Resize a ``(rows, cols, 3)`` float image in ``[0, 1]`` to ``size`` and draw each ``(mask_2d, colour)``
+    outline on it, in order (a later one is drawn over an earlier one).
 
-    The outline is traced after a nearest-neighbour resize of the mask, so it stays one display pixel thin.
+    Each outline is traced after a nearest-neighbour resize of its mask, so it stays one display pixel thin.
     """
     from PIL import Image
 
@@ -315,10 +317,11 @@ def _compose(
     if image.size != size:
         image = image.resize(size, Image.Resampling.BILINEAR)
     out = np.array(image)
-    mask_img = Image.fromarray(mask_2d.astype(np.uint8) * 255, mode="L")
-    if mask_img.size != size:
-        mask_img = mask_img.resize(size, Image.Resampling.NEAREST)
-    out[_outline(np.asarray(mask_img) > 127)] = colour
+    for mask_2d, colour in outlines:
+        mask_img = Image.fromarray(mask_2d.astype(np.uint8) * 255, mode="L")
+        if mask_img.size != size:
+            mask_img = mask_img.resize(size, Image.Resampling.NEAREST)
+        out[_outline(np.asarray(mask_img) > 127)] = colour
     return out
 
 
@@ -332,6 +335,7 @@ def render_axial_overlay(
     pet_window: tuple[float, float] | None = None,
     alpha: float = 0.6,
     pixel_mm: float | None = None,
+    reference: Volume | None = None,
 ) -> tuple[np.ndarray, int]:
     """An axial PET-on-CT fusion image with the tumour contour, as a radiologist reads it.
 
@@ -351,6 +355,8 @@ def render_axial_overlay(
         alpha: maximum PET opacity, in ``[0, 1]``.
         pixel_mm: output pixel size in mm; default the finer in-plane voxel size (no downsampling), or smaller
             so that the long side has at least :data:`MIN_DISPLAY_PIXELS` pixels.
+        reference: a second mask on the CT grid (a ground truth), outlined in cyan under the mask's green outline;
+            the default slice is then the reference's largest.
 
     Returns:
         ``(rgb, slice_index)``: a ``(height, width, 3)`` ``uint8`` image, height along anterior->posterior and width
@@ -361,12 +367,14 @@ def render_axial_overlay(
     """
     _check_same_grid(ct, "CT", pet, "PET")
     _check_same_grid(ct, "CT", mask, "mask")
+    if reference is not None:
+        _check_same_grid(ct, "CT", reference, "reference mask")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     axis, inferior_to_superior = _axial_axis(ct.affine)
     n_axial = ct.shape[axis]
     if slice_index is None:
-        slice_index = max_extent_axial_slice(mask)
+        slice_index = max_extent_axial_slice(reference if reference is not None else mask)
     if not 0 <= slice_index < n_axial:
         raise CipaInputError(f"slice_index {slice_index} is outside the {n_axial} axial slices (0..{n_axial - 1})")
     z = slice_index if inferior_to_superior else n_axial - 1 - slice_index
@@ -381,7 +389,12 @@ def render_axial_overlay(
     opacity = (alpha * heat)[..., None]
     rgb = grey[..., None] * (1.0 - opacity) + _hot(heat) * opacity
     size = _display_size(rgb.shape[1], rgb.shape[0], spacing[0], spacing[1], pixel_mm)
-    return _compose(rgb, mask_d[:, :, z].T != 0, size, _MASK_COLOUR), int(slice_index)
+    outlines = []
+    if reference is not None:
+        reference_d, _ = _to_display(np.asarray(reference.array), ct.affine)
+        outlines.append((reference_d[:, :, z].T != 0, _REFERENCE_COLOUR))
+    outlines.append((mask_d[:, :, z].T != 0, _MASK_COLOUR))
+    return _compose(rgb, outlines, size), int(slice_index)
 
 
 def render_coronal_mip(
@@ -421,7 +434,7 @@ def render_coronal_mip(
     grey = 1.0 - _window(mip, low, high)
     rgb = np.repeat(grey[..., None], 3, axis=-1)
     size = _display_size(rgb.shape[1], rgb.shape[0], spacing[0], spacing[2], pixel_mm)
-    return _compose(rgb, projected, size, _MIP_CONTOUR_COLOUR)
+    return _compose(rgb, [(projected, _MIP_CONTOUR_COLOUR)], size)
 
 
 # ----------------------------------------------------------------------------------------------- file output
