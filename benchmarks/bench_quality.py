@@ -30,6 +30,8 @@ What runs, all through the bundle's own code:
 Usage::
 
     python benchmarks/bench_quality.py                         # the full run (about 40 minutes on 2 CPU cores)
+    python benchmarks/bench_quality.py --resume                # keep finished training runs, predict again
+    python benchmarks/bench_quality.py --resume --weights best # the same models, best-validation-epoch weights
     python benchmarks/bench_quality.py --epochs 1 --folds 1 --patients STS_002 STS_003 STS_004 STS_005
 
 Paste ``quality.md`` into docs/performance.md ("Quality on real data") with the machine and the time it took.
@@ -80,16 +82,24 @@ def find_patients(data: Path, names: list[str] | None) -> list[str]:
     return found
 
 
-def convert_patients(data: Path, patients: list[str], work: Path) -> dict[str, Path]:
-    """Convert each study with its RTSTRUCT label (kept between runs: a finished folder has provenance.json)."""
-    from cipa_bundle.preprocessing.convert import convert_study
+def convert_patients(data: Path, patients: list[str], work: Path,
+                     ct_window_hu: tuple[float, float] | None = None) -> dict[str, Path]:
+    """Convert each study with its RTSTRUCT label (kept between runs: a finished folder has provenance.json).
 
+    ``ct_window_hu`` is ``convert``'s CT window for the image's CT channel (default: the bundle's lung window).
+    """
+    from cipa_bundle.preprocessing.convert import convert_study
+    from cipa_bundle.preprocessing.transforms import DEFAULT_CT_WINDOW_HU
+
+    window = tuple(ct_window_hu) if ct_window_hu is not None else DEFAULT_CT_WINDOW_HU
+    root = work / ("converted" if window == DEFAULT_CT_WINDOW_HU else f"converted_ct{window[0]:g}_{window[1]:g}")
     folders = {}
     for patient in patients:
-        out = work / "converted" / patient
+        out = root / patient
         if not (out / "provenance.json").is_file() or not (out / "label.nii.gz").is_file():
             study = data / patient
-            convert_study(study, out, progress=False, label_rtstruct=study / "CT" / "mask" / "RS.dcm")
+            convert_study(study, out, progress=False, label_rtstruct=study / "CT" / "mask" / "RS.dcm",
+                          ct_window_hu=window)
         folders[patient] = out
     return folders
 
@@ -142,7 +152,12 @@ def _config_list(files: list[Path]) -> str:
 
 
 def train_method(method: str, fold_dir: Path, datalist: Path, epochs: int, extra: dict[str, Any]) -> tuple[Path, float]:
-    """Train ``method`` with the bundle's training workflow; ``(best checkpoint, seconds)``."""
+    """Train ``method`` with the bundle's training workflow; ``(best checkpoint, seconds)``.
+
+    The run leaves ``models/model.pt`` (the epoch with the best validation IoU) and
+    ``models/latest_checkpoint_epoch=<epochs>.pt`` (the last epoch's weights, with the optimizer state), see
+    :func:`weights`.
+    """
     overrides = {"datalist": str(datalist), "dataset_dir": str(datalist.parent), "synthesize_if_missing": False,
                  "ckpt_dir": str(fold_dir / "models"), "output_dir": str(fold_dir / "train_logs"), "epochs": epochs,
                  **extra}
@@ -151,6 +166,15 @@ def train_method(method: str, fold_dir: Path, datalist: Path, epochs: int, extra
         args += [f"--{key}", repr(value) if not isinstance(value, str) else value]
     seconds = _bundle(args, fold_dir / "train.log")
     return fold_dir / "models" / "model.pt", seconds
+
+
+def weights(fold_dir: Path, epochs: int, which: str) -> Path:
+    """The checkpoint a trained method predicts with: ``"best"`` (``model.pt``, chosen by validation IoU) or
+    ``"final"`` (the last epoch's, as nnU-Net does: one validation patient is too few to choose an epoch by)."""
+    path = fold_dir / "models" / ("model.pt" if which == "best" else f"latest_checkpoint_epoch={epochs}.pt")
+    if not path.is_file():
+        raise SystemExit(f"bench_quality: {path} missing; expected the {which} weights of a finished training run")
+    return path
 
 
 def trained_predict(method: str, checkpoint: Path, converted: dict[str, Path], test: list[str], out: Path,
@@ -213,7 +237,7 @@ def parameter_count(method: str) -> int:
 def overlay_figure(converted: dict[str, Path], patient: str, predictions: dict[str, Path], path: Path) -> Path:
     """One panel per method for ``patient``: PET on CT at the truth's largest slice, truth cyan, prediction green."""
     import nibabel as nib
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
     from cipa_bundle.io.volume import Volume
     from cipa_bundle.report import render_axial_overlay, write_png
@@ -229,7 +253,7 @@ def overlay_figure(converted: dict[str, Path], patient: str, predictions: dict[s
         rgb, _ = render_axial_overlay(ct, suv, volume(root / patient / "mask.nii.gz"), reference=truth,
                                       ct_window=(40.0, 400.0))
         panel = Image.fromarray(rgb)
-        ImageDraw.Draw(panel).text((4, 4), method, fill=(255, 255, 255))
+        ImageDraw.Draw(panel).text((8, 6), method, fill=(255, 255, 255), font=ImageFont.load_default(size=28))
         panels.append(panel)
     width = sum(p.width for p in panels) + 4 * (len(panels) - 1)
     figure = Image.new("RGB", (width, max(p.height for p in panels)), (0, 0, 0))
@@ -246,13 +270,19 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "real" / "sts")
+    real = os.environ.get("CIPA_SHARED_REAL") or str(REPO.parent / "shared" / "real")
+    parser.add_argument("--data", type=Path, default=Path(real) / "sts",
+                        help="the STS patients (default: $CIPA_SHARED_REAL/sts, else ../shared/real/sts)")
     parser.add_argument("--out", type=Path, default=REPO / ".cache" / "bench_quality")
     parser.add_argument("--figure", type=Path, default=REPO / "docs" / "figures" / "quality_overlay.png")
     parser.add_argument("--patients", nargs="*", default=None, help="a subset of the patients (default: all)")
     parser.add_argument("--folds", type=int, default=4)
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the training runs of an earlier run with the same settings in --out (and predict)")
+    parser.add_argument("--weights", choices=("final", "best"), default="final",
+                        help="predict with the last epoch's weights (default, as nnU-Net) or the best validation epoch's")
     parser.add_argument("--override", type=json.loads, default={},
                         help='more training/inference config ids as JSON, e.g. \'{"network_width": 24}\'')
     args = parser.parse_args(argv)
@@ -272,13 +302,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         datalist = write_datalist(fold_root / "datalist.json", fold, converted)
         for method in args.methods:
             if method in TRAINED:
-                fold_dir = fold_root / method
-                shutil.rmtree(fold_dir, ignore_errors=True)
-                fold_dir.mkdir(parents=True)
-                checkpoint, seconds = train_method(method, fold_dir, datalist, args.epochs, args.override)
-                timing[method]["train_s"] += seconds
-                timing[method]["predict_s"] += trained_predict(method, checkpoint, converted, fold["test"],
-                                                               predictions[method], args.override)
+                # A finished training run records its settings and time last; --resume keeps it and predicts again.
+                fold_dir, record = fold_root / method, fold_root / f"{method}.train.json"
+                settings = {"fold": fold, "epochs": args.epochs, "override": args.override}
+                if args.resume and record.is_file() and json.loads(record.read_text())["settings"] == settings:
+                    train_s = json.loads(record.read_text())["train_s"]
+                else:
+                    shutil.rmtree(fold_dir, ignore_errors=True)
+                    fold_dir.mkdir(parents=True)
+                    _, train_s = train_method(method, fold_dir, datalist, args.epochs, args.override)
+                    record.write_text(json.dumps({"settings": settings, "train_s": train_s}, indent=2))
+                timing[method]["train_s"] += train_s
+                timing[method]["predict_s"] += trained_predict(
+                    method, weights(fold_dir, args.epochs, args.weights), converted, fold["test"], predictions[method],
+                    args.override)
             else:
                 timing[method]["predict_s"] += threshold_predict(method, converted, fold["test"], predictions[method])
             print(f"fold {f + 1}/{len(folds)} {method}: done ({time.perf_counter() - started:.0f} s so far)",
@@ -292,7 +329,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         (gt_root / patient).mkdir(parents=True)
         os.symlink(converted[patient] / "label.nii.gz", gt_root / patient / "label.nii.gz")
     slices = {p: int(json.loads((converted[p] / "provenance.json").read_text())["ct"]["shape"][2]) for p in tested}
-    results: dict[str, Any] = {"patients": tested, "folds": folds, "epochs": args.epochs, "methods": {}}
+    results: dict[str, Any] = {"patients": tested, "folds": folds, "epochs": args.epochs, "weights": args.weights,
+                               "methods": {}}
     for method in args.methods:
         summary = evaluate_folder(predictions[method], gt_root, out / "metrics" / method,
                                   pred_name="mask.nii.gz", gt_name="label.nii.gz")
@@ -300,7 +338,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rows = {row["case"]: row for row in csv.DictReader(fh)}
         results["methods"][method] = {
             "dice": {p: float(rows[p]["dice"]) for p in tested},
-            "hd95_mm": {p: float(rows[p]["hd95_mm"]) for p in tested},
+            # An empty prediction has no surface: HD95 is undefined (an empty CSV cell).
+            "hd95_mm": {p: float(rows[p]["hd95_mm"] or "nan") for p in tested},
             "summary": summary,
             **timing[method],
             "predict_s_per_slice": timing[method]["predict_s"] / sum(slices.values()),
@@ -313,7 +352,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["wall_s"] = time.perf_counter() - started
 
     lines = [f"Held-out 3-D Dice per patient ({len(folds)}-fold cross-validation by patient, {args.epochs} epochs "
-             "for the trained methods):", "",
+             f"for the trained methods, {args.weights} weights):", "",
              "| patient | " + " | ".join(args.methods) + " |", "|---|" + "---:|" * len(args.methods)]
     for p in tested:
         lines.append(f"| {p} | " + " | ".join(_fmt(results["methods"][m]["dice"][p]) for m in args.methods) + " |")

@@ -81,10 +81,11 @@ def test_benchmark_pieces_on_two_real_patients(bench, shared_real: Path, tmp_pat
     for method, extra in (("cipa", SMALL), ("unet", TINY_UNET)):
         fold_dir = tmp_path / "fold0" / method
         fold_dir.mkdir(parents=True)
-        checkpoint, seconds = bench.train_method(method, fold_dir, datalist, 1, extra)
-        assert checkpoint.is_file() and seconds > 0
+        best, seconds = bench.train_method(method, fold_dir, datalist, 1, extra)
+        assert best.is_file() and seconds > 0
         predictions[method] = tmp_path / "predictions" / method
-        bench.trained_predict(method, checkpoint, converted, fold["test"], predictions[method], extra)
+        final = bench.weights(fold_dir, 1, "final")  # the last epoch's: what the benchmark predicts with
+        bench.trained_predict(method, final, converted, fold["test"], predictions[method], extra)
     predictions["suv_2.5"] = tmp_path / "predictions" / "suv_2.5"
     bench.threshold_predict("suv_2.5", converted, fold["test"], predictions["suv_2.5"])
 
