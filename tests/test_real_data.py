@@ -94,3 +94,27 @@ def test_predict_runs_end_to_end_on_a_real_study(shared_real: Path, tmp_path: Pa
     assert referenced and referenced <= ct_instances
     back = read_rtstruct_mask(written["rtstruct"], ct) > 0
     assert 2 * np.sum(back & (mask > 0)) / (np.sum(back) + np.sum(mask > 0)) >= 0.98
+
+
+def test_training_pads_a_real_slice_smaller_than_img_size_and_crops_nothing(shared_real: Path, tmp_path: Path) -> None:
+    """STS_002's CT is 161 x 143 px: at ``img_size`` 256 the training transforms pad it and keep every tumour voxel."""
+    from monai.bundle import ConfigParser
+
+    study = shared_real / "sts" / PATIENTS[0]
+    if not study.is_dir():
+        pytest.skip(f"{study} is absent")
+    paths = convert_study(study, tmp_path / "out", progress=False, label_rtstruct=study / "CT" / "mask" / "RS.dcm")
+    label = np.asarray(nib.load(paths["label"]).dataobj)
+    k = int(np.argmax(label.sum(axis=(0, 1))))  # the slice with the most tumour
+    parser = ConfigParser()
+    parser.read_config(str(Path(__file__).resolve().parents[1] / "configs" / "train.json"))
+    parser["img_size"] = 256
+    parser["validate#preprocessing"]["transforms"] = "$@train#deterministic_transforms"  # no random, no normalising
+    out = parser.get_parsed_content("validate#preprocessing")(
+        {"image": str(paths["image"]), "label": str(paths["label"]), "slice": k}
+    )
+    assert tuple(out["image"].shape) == (2, 256, 256) and tuple(out["label"].shape[-2:]) == (256, 256)
+    assert float(out["label"].sum()) == float(label[:, :, k].sum()) > 0
+    image = np.asarray(nib.load(paths["image"]).dataobj)[:, :, k]
+    # The image's own content is all there, with zeros (air, no uptake) around it.
+    assert float(out["image"].sum()) == pytest.approx(float(image.sum()), rel=1e-5)
