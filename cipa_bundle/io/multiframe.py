@@ -49,6 +49,7 @@ from cipa_bundle.errors import CipaInputError
 __all__ = [
     "FRAME_NUMBER_ATTRIBUTE",
     "MULTIFRAME_IMAGE_STORAGE",
+    "SOURCE_OBJECT_ATTRIBUTE",
     "frame_datasets",
     "frame_headers",
     "frame_number",

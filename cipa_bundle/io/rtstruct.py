@@ -521,7 +521,7 @@ def write_rtstruct(
     """
     import cipa_bundle
 
-    rows, columns = check_source_ct(source_ct_datasets, "an RTSTRUCT", RtStructError)
+    check_source_ct(source_ct_datasets, "an RTSTRUCT", RtStructError)
     first = source_ct_datasets[0]
     mask = binary_mask_on_ct(mask_ijk, source_ct_datasets, RtStructError)
     if not roi_name or len(roi_name) > 64 or "\\" in roi_name:
