@@ -170,12 +170,15 @@ class Commands:
         pet_series: str | None = None,
         all_slices: bool = False,
         rtstruct: bool = False,
+        store: bool = False,
     ) -> dict[str, str]:
         """Segment lung tumours in one study: mask.nii.gz, seg.dcm (DICOM input), PNG overlays and report.json.
 
         Args:
-            input: a DICOM study folder, a fused 2-channel image.nii.gz, a CT NIfTI (with --pet), "CT,PET" NIfTIs,
-                or a folder with ct.nii.gz + suv.nii.gz (or autoPET's CTres.nii.gz + SUV.nii.gz).
+            input: a DICOM study folder, a study on a DICOMweb server (dicomweb://HOST:PORT/PATH?study=STUDY_UID;
+                credentials from CIPA_DICOMWEB_USER + CIPA_DICOMWEB_PASSWORD or CIPA_DICOMWEB_TOKEN), a fused
+                2-channel image.nii.gz, a CT NIfTI (with --pet), "CT,PET" NIfTIs, or a folder with ct.nii.gz +
+                suv.nii.gz (or autoPET's CTres.nii.gz + SUV.nii.gz).
             out_dir: output folder.
             checkpoint: CIPA state_dict (default models/model.pt of the bundle).
             pet: PET NIfTI in SUV when INPUT is a CT NIfTI in HU.
@@ -191,17 +194,77 @@ class Commands:
             pet_series: DICOM input: SeriesInstanceUID of the PET series, when the study holds several PET series.
             all_slices: run the network on every body slice, not only the lungs' range plus 2 cm.
             rtstruct: DICOM input: also write rtstruct.dcm, the mask's contours as an RTSTRUCT referencing the CT.
+            store: DICOMweb input: store seg.dcm (and rtstruct.dcm) back into the study (STOW-RS), confirmed by QIDO-RS;
+                the outputs stay in OUT_DIR either way.
         """
+        from cipa_bundle.errors import CipaInputError
         from cipa_bundle.inference.predict import predict
+        from cipa_bundle.io.dicomweb import is_dicomweb_url
 
-        written = predict(
-            input, out_dir, checkpoint, pet=pet, img_size=img_size, network_width=network_width,
-            encoder_depths=encoder_depths, decoder_depths=decoder_depths, sw_batch_size=sw_batch_size,
-            probabilities=probabilities, device=device, register=register, suv_kind=kind, overrides=override,
-            keep_intermediate=keep_intermediate, ct_series=_name(ct_series), pet_series=_name(pet_series),
-            all_slices=all_slices, rtstruct=rtstruct,
+        options = dict(
+            pet=pet, img_size=img_size, network_width=network_width, encoder_depths=encoder_depths,
+            decoder_depths=decoder_depths, sw_batch_size=sw_batch_size, probabilities=probabilities, device=device,
+            register=register, suv_kind=kind, overrides=override, keep_intermediate=keep_intermediate,
+            ct_series=_name(ct_series), pet_series=_name(pet_series), all_slices=all_slices, rtstruct=rtstruct,
         )
+        if is_dicomweb_url(input):
+            from cipa_bundle.inference.pacs import predict_dicomweb
+
+            result = predict_dicomweb(input, out_dir, checkpoint, store=store, **options)
+            return {**{k: str(v) for k, v in result.written.items()}, "stored": ",".join(result.stored)}
+        if store:
+            raise CipaInputError(f"predict: --store sends the SEG back to a DICOMweb study; {input} is not a "
+                                 "dicomweb://HOST:PORT/PATH?study=STUDY_UID address")
+        written = predict(input, out_dir, checkpoint, **options)
         return {k: str(v) for k, v in written.items()}
+
+    def predict_studies(
+        self,
+        server: str,
+        out_dir: str,
+        studies: str | None = None,
+        study_date: str | None = None,
+        store: bool = False,
+        checkpoint: str | None = None,
+        device: str | None = None,
+        register: str = "none",
+        kind: str = "bw",
+        sw_batch_size: int | None = None,
+        override: dict[str, Any] | None = None,
+        rtstruct: bool = False,
+        all_slices: bool = False,
+    ) -> str:
+        """Segment many studies of a DICOMweb server one after another; a re-run skips the studies already done.
+
+        Writes OUT_DIR/<StudyInstanceUID>/ per study (as predict), OUT_DIR/manifest.json and OUT_DIR/summary.csv
+        (study_uid, status, seconds, tumor_count, total_volume_ml, stored, error). A study that fails is recorded and
+        the batch goes on; the command then ends with exit code 2 and names how many failed.
+
+        Args:
+            server: dicomweb://HOST:PORT/PATH (credentials from the environment, as for predict).
+            out_dir: the batch folder.
+            studies: a text file with one StudyInstanceUID per line (# comments allowed).
+            study_date: instead of --studies, a StudyDate range searched by QIDO-RS: YYYYMMDD-YYYYMMDD.
+            store: store each study's SEG (and RTSTRUCT) back into it.
+            checkpoint, device, register, kind, sw_batch_size, override, rtstruct, all_slices: as for predict.
+        """
+        import csv
+
+        from cipa_bundle.errors import CipaInputError
+        from cipa_bundle.inference.pacs import predict_studies
+
+        summary = predict_studies(
+            server, out_dir, checkpoint, studies=studies, study_date=_name(study_date), store=store,
+            rtstruct=rtstruct, device=device, register=register, suv_kind=kind, sw_batch_size=sw_batch_size,
+            overrides=override, all_slices=all_slices,
+        )
+        with open(summary, newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+        failed = [row for row in rows if row["status"] != "done"]
+        if failed:
+            raise CipaInputError(f"predict_studies: {len(failed)} of {len(rows)} studies failed (first: "
+                                 f"{failed[0]['study_uid']}: {failed[0]['error']}); see {summary}")
+        return str(summary)
 
     def evaluate(
         self, pred: str, gt: str, out_dir: str = "eval", pred_name: str | None = None, gt_name: str | None = None

@@ -281,6 +281,7 @@ def predict(
     progress: bool = True,
     all_slices: bool = False,
     rtstruct: bool = False,
+    report_extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Segment lung tumours in one PET-CT study and write the mask, DICOM SEG, figures and report.
 
@@ -308,6 +309,7 @@ def predict(
             runs (:class:`~cipa_bundle.inference.lung_range.LungSliceInferer`), the rest is background.
         rtstruct: DICOM input: also write ``rtstruct.dcm``, the mask's contours as an RTSTRUCT referencing the CT
             (for radiotherapy systems, which read RTSTRUCT rather than SEG).
+        report_extra: more ``report.json`` keys about where the input came from (e.g. the DICOMweb study).
 
     Returns:
         ``{"mask": path, ...}``: every file written.
@@ -391,6 +393,7 @@ def predict(
                           "config": str(config)},
             "postprocessing": {key: parsed(key) for key in
                                ("threshold", "min_lesion_ml", "min_body_fraction", "body_threshold")},
+            **dict(report_extra or {}),
         }
         written.update(write_outputs(prepared, written["mask"], out, device=_device_name(parsed("device")),
                                      timings=timings, extra=extra, also_written=[p.name for p in written.values()],
