@@ -1,8 +1,8 @@
 """A real Orthanc DICOM server for the tests: started on loopback ports with its own storage and configuration.
 
 Debian's ``orthanc`` and ``orthanc-dicomweb`` packages provide the server and its DICOMweb plugin (``.ci/run``
-installs them). Studies are put in through Orthanc's own REST API (``POST /instances``), not through the code under
-test, and the tests look for results through plain HTTP requests to it as well.
+installs them). Studies are put in by STOW-RS through ``dicomweb-client`` directly, not through the code under test,
+and the tests look for results with plain HTTP requests (QIDO-RS).
 """
 
 from __future__ import annotations
@@ -111,15 +111,24 @@ class OrthancServer:
         self.process = None
 
     def upload(self, files: Iterable[os.PathLike[str] | str]) -> set[str]:
-        """Put DICOM files into the server (REST ``POST /instances``); returns the StudyInstanceUIDs they belong to."""
-        session = self.session()
-        studies = set()
+        """Store DICOM files into the server by STOW-RS (``dicomweb-client`` itself, not the code under test).
+
+        Returns:
+            The StudyInstanceUIDs the files belong to.
+        """
+        import pydicom
+        from dicomweb_client.api import DICOMwebClient
+
+        client = DICOMwebClient(f"{self.rest}/dicom-web", session=self.session())
+        by_study: dict[str, list] = {}
         for path in files:
-            answer = session.post(f"{self.rest}/instances", data=Path(path).read_bytes(), timeout=30)
-            answer.raise_for_status()
-            study = session.get(f"{self.rest}/studies/{answer.json()['ParentStudy']}", timeout=30).json()
-            studies.add(study["MainDicomTags"]["StudyInstanceUID"])
-        return studies
+            ds = pydicom.dcmread(path)
+            by_study.setdefault(str(ds.StudyInstanceUID), []).append(ds)
+        for study, datasets in by_study.items():
+            answer = client.store_instances(datasets, study_instance_uid=study)
+            if answer.get("FailedSOPSequence"):
+                raise RuntimeError(f"Orthanc refused {len(answer.FailedSOPSequence)} instance(s) of study {study}")
+        return set(by_study)
 
     def series_of(self, study_uid: str, modality: str | None = None) -> list[dict]:
         """QIDO-RS, by plain HTTP: the study's series (DICOM JSON), optionally of one modality."""
@@ -127,3 +136,12 @@ class OrthancServer:
         answer = self.session().get(f"{self.rest}/dicom-web/studies/{study_uid}/series", params=params, timeout=30)
         answer.raise_for_status()
         return answer.json() if answer.content else []
+
+    def has_instance(self, study_uid: str, sop_instance_uid: str) -> bool:
+        """QIDO-RS, by plain HTTP: whether the study lists this SOP Instance UID."""
+        answer = self.session().get(f"{self.rest}/dicom-web/studies/{study_uid}/instances",
+                                    params={"SOPInstanceUID": sop_instance_uid}, timeout=30)
+        answer.raise_for_status()
+        return bool(answer.content) and any(
+            item["00080018"]["Value"][0] == sop_instance_uid for item in answer.json()
+        )

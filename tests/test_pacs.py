@@ -1,9 +1,9 @@
 """``predict`` and ``predict-studies`` against a real Orthanc PACS (DICOMweb: QIDO-RS, WADO-RS, STOW-RS).
 
-Each server is a real Orthanc process (``tests/orthanc.py``) on a loopback port. Phantom studies are put in through
-Orthanc's own REST API and results are looked for with plain HTTP requests, so neither side of a check is the code
-under test. The network is the tiny random CIPA of ``test_inference``: masks mean nothing, so the checks are that a
-PACS study gives exactly the mask of the same study read from a folder, and the bookkeeping around it.
+Each server is a real Orthanc process (``tests/orthanc.py``) on a loopback port. Phantom studies are put in by STOW-RS
+through ``dicomweb-client`` itself and results are looked for with plain HTTP requests, so neither side of a check is
+the code under test. The network is the tiny random CIPA of ``test_inference``: masks mean nothing, so the checks are
+that a PACS study gives exactly the mask of the same study read from a folder, and the bookkeeping around it.
 """
 
 from __future__ import annotations
@@ -259,7 +259,7 @@ def test_batch_isolates_a_broken_study_and_a_rerun_completes_it(
     study_list.write_text("# three phantom studies\n" + "\n".join(uids) + "\n\n")
     out = tmp_path / "batch"
     args = ["predict-studies", server.dicomweb, str(out), "--studies", str(study_list), "--checkpoint",
-            str(tiny_checkpoint), "--override", repr(NO_POSTPROCESSING)]
+            str(tiny_checkpoint), "--override", repr(NO_POSTPROCESSING), "--store"]
     with pytest.raises(SystemExit) as exit_info:
         main(args)
     assert exit_info.value.code == 2
@@ -275,7 +275,8 @@ def test_batch_isolates_a_broken_study_and_a_rerun_completes_it(
         report = json.loads((out / uid / "report.json").read_text())
         assert int(status[uid]["tumor_count"]) == report["tumor_count"]
         assert float(status[uid]["total_volume_ml"]) == pytest.approx(report["total_volume_ml"], abs=1e-3)
-        assert (out / uid / "seg.dcm").is_file()
+        assert status[uid]["stored"] == "1" and float(status[uid]["fetch_seconds"]) > 0
+        assert server.has_instance(uid, pydicom.dcmread(out / uid / "seg.dcm").SOPInstanceUID)
     assert not (out / broken).exists()
     assert sorted(p.name for p in out.iterdir()) == sorted([*set(uids) - {broken}, "manifest.json", "summary.csv"])
     done_before = {uid: (out / uid / "report.json").stat().st_mtime_ns for uid in set(uids) - {broken}}
@@ -289,6 +290,7 @@ def test_batch_isolates_a_broken_study_and_a_rerun_completes_it(
     assert err.count("done in an earlier run, skipped") == 2
     rows = list(csv.DictReader(io.StringIO((out / "summary.csv").read_text())))
     assert sorted(row["study_uid"] for row in rows) == uids and {row["status"] for row in rows} == {"done"}
+    assert server.has_instance(broken, pydicom.dcmread(out / broken / "seg.dcm").SOPInstanceUID)
     assert {uid: (out / uid / "report.json").stat().st_mtime_ns for uid in done_before} == done_before
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["server"] == f"http://127.0.0.1:{server.http_port}/dicom-web"

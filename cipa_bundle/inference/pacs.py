@@ -50,7 +50,8 @@ __all__ = ["DicomWebPrediction", "fetch_study", "predict_dicomweb", "predict_stu
 
 MANIFEST = "manifest.json"
 SUMMARY_CSV = "summary.csv"
-SUMMARY_COLUMNS = ("study_uid", "status", "seconds", "tumor_count", "total_volume_ml", "stored", "error")
+SUMMARY_COLUMNS = ("study_uid", "status", "seconds", "fetch_seconds", "store_seconds", "tumor_count",
+                   "total_volume_ml", "stored", "error")
 _IMAGE_MODALITIES = {"CT": "CT", "PT": "PET"}
 # dicomweb-client logs every HTTP request at INFO; the bundle's logging config shows INFO, and a whole-study fetch
 # would bury the one progress line per study.
@@ -66,11 +67,13 @@ class DicomWebPrediction:
         written: ``{"mask": path, "seg": path, ...}`` as :func:`predict` returns it.
         stored: SOP Instance UIDs stored back into the study (empty without ``store``).
         series: the SeriesInstanceUIDs fetched, by modality.
+        seconds: wall time of ``fetch`` (QIDO-RS + WADO-RS), ``predict`` and ``store`` (STOW-RS + QIDO-RS check).
     """
 
     written: dict[str, Path]
     stored: list[str] = field(default_factory=list)
     series: dict[str, list[str]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def fetch_study(
@@ -143,20 +146,28 @@ def predict_dicomweb(
     client = open_client(target.url)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix=".cipa-dicomweb-", dir=out) as download:
         # Named after the study, so that the report's case is the StudyInstanceUID rather than a temporary name.
         study_dir = Path(download) / str(target.study_uid)
+        start = time.perf_counter()
         series = fetch_study(client, target, study_dir, ct_series, pet_series)
-        source = {"dicomweb": {"url": target.url, "study_instance_uid": target.study_uid, "series": series}}
+        seconds["fetch"] = time.perf_counter() - start
+        source = {"dicomweb": {"url": target.url, "study_instance_uid": target.study_uid, "series": series,
+                               "fetch_seconds": round(seconds["fetch"], 3)}}
+        start = time.perf_counter()
         written = predict(study_dir, out, checkpoint, ct_series=ct_series, pet_series=pet_series, rtstruct=rtstruct,
                           report_extra=source, **predict_kwargs)
-    result = DicomWebPrediction(written, series=series)
+        seconds["predict"] = time.perf_counter() - start
+    result = DicomWebPrediction(written, series=series, seconds=seconds)
     if store:
         to_store = [written[key] for key in ("seg", "rtstruct") if key in written]
+        start = time.perf_counter()
         try:
             result.stored = store_instances(client, target, to_store)
         except DicomWebError as err:
             raise DicomWebError(f"{err}; the outputs are kept in {out}") from None
+        seconds["store"] = time.perf_counter() - start
     return result
 
 
@@ -245,8 +256,8 @@ def predict_studies(
         **predict_kwargs: any other keyword of :func:`predict` (``progress`` is off unless given).
 
     Returns:
-        The path of ``summary.csv``: ``study_uid, status (done | failed), seconds, tumor_count, total_volume_ml,
-        stored (objects stored back), error``.
+        The path of ``summary.csv``: ``study_uid, status (done | failed), seconds, fetch_seconds, store_seconds,
+        tumor_count, total_volume_ml, stored (objects stored back), error``.
 
     Raises:
         CipaInputError: neither or both of ``studies`` and ``study_date``, a bad study list, a manifest of another
@@ -283,7 +294,9 @@ def predict_studies(
             report = json.loads(result.written["report"].read_text(encoding="utf-8"))
             shutil.rmtree(final, ignore_errors=True)  # a stale folder of a run that stopped before its manifest
             os.replace(staging, final)
-            record = {"status": "done", "tumor_count": report["tumor_count"],
+            record = {"status": "done", "fetch_seconds": round(result.seconds["fetch"], 2),
+                      "store_seconds": round(result.seconds["store"], 2) if "store" in result.seconds else "",
+                      "tumor_count": report["tumor_count"],
                       "total_volume_ml": round(float(report["total_volume_ml"]), 3), "stored": len(result.stored),
                       "error": ""}
         except Exception as err:  # noqa: BLE001 - one study's failure, of any kind, must not end the batch
