@@ -174,3 +174,26 @@ def test_reading_against_another_series_is_refused(ct_series: list[pydicom.Datas
         read_dicom_seg_mask(out, other)
     with pytest.raises(CipaInputError, match="not a readable DICOM Segmentation|SOPClassUID"):
         read_dicom_seg_mask(other_paths[0], ct_series)
+
+
+def test_a_seg_without_spatial_locations_preserved_is_read_where_its_frames_lie(
+    ct_series: list[pydicom.Dataset], tmp_path: Path
+) -> None:
+    """dcmqi (MONAI Label's DICOMweb datastore, 3D Slicer) leaves SpatialLocationsPreserved out of its SEGs."""
+    written = write_dicom_seg(_known_mask(), ct_series, tmp_path / "seg.dcm")
+    ds = pydicom.dcmread(written)
+    for item in ds.PerFrameFunctionalGroupsSequence:
+        del item.DerivationImageSequence[0].SourceImageSequence[0].SpatialLocationsPreserved
+    unstated = tmp_path / "unstated.dcm"
+    ds.save_as(unstated, enforce_file_format=True)
+    assert np.array_equal(read_dicom_seg_mask(unstated, ct_series), _known_mask())
+
+    # The same SEG with one frame moved off its slice by 1 mm: the positions no longer back the reference.
+    moved = pydicom.dcmread(unstated)
+    position = moved.PerFrameFunctionalGroupsSequence[1].PlanePositionSequence[0]
+    position.ImagePositionPatient = [float(v) + (1.0 if n == 2 else 0.0)
+                                     for n, v in enumerate(position.ImagePositionPatient)]
+    moved.save_as(tmp_path / "moved.dcm", enforce_file_format=True)
+    with pytest.raises(CipaInputError, match=r"moved.dcm: frame 2 lies at ImagePositionPatient .* but references CT "
+                                             r"instance .*SpatialLocationsPreserved is not stated"):
+        read_dicom_seg_mask(tmp_path / "moved.dcm", ct_series)

@@ -54,6 +54,67 @@ def _multiframe_source(source_ct_datasets: Sequence[Dataset]) -> tuple[Dataset, 
     return objects[0], [int(frame_number(ds)) for ds in source_ct_datasets]  # type: ignore[arg-type]
 
 
+#: How far (mm) a SEG frame may sit from the CT slice it references when the SEG does not state that spatial
+#: locations are preserved.
+_FRAME_POSITION_TOLERANCE_MM = 0.01
+_ORIENTATION_TOLERANCE = 1e-4
+
+
+def _spatial_locations_stated(seg: Dataset) -> bool:
+    """Whether every frame's source reference says SpatialLocationsPreserved (0028,135A) YES."""
+    for item in seg.get("PerFrameFunctionalGroupsSequence", []):
+        for derivation in item.get("DerivationImageSequence", []):
+            for source in derivation.get("SourceImageSequence", []):
+                if str(source.get("SpatialLocationsPreserved", "")).upper() != "YES":
+                    return False
+    return True
+
+
+def _check_frames_sit_on_their_sources(seg: Dataset, source_ct_datasets: Sequence[Dataset], path: object) -> None:
+    """Every SEG frame lies on the CT slice it references: same ImagePositionPatient and ImageOrientationPatient.
+
+    Needed when the SEG leaves SpatialLocationsPreserved out, which it may (the attribute is optional). dcmqi, the
+    writer of MONAI Label's DICOMweb datastore and of 3D Slicer, does; highdicom then refuses to place the frames by
+    reference alone, and the positions have to show that the reference holds.
+
+    Raises:
+        CipaInputError: a frame without position or source reference, or one that lies elsewhere than its CT slice
+            (the message names the frame, both positions and the CT instance).
+    """
+    where = {}
+    for ds in source_ct_datasets:
+        number = frame_number(ds)
+        where[(str(ds.SOPInstanceUID), None if number is None else int(number))] = ds
+    shared = seg.get("SharedFunctionalGroupsSequence", [Dataset()])[0]
+    for index, item in enumerate(seg.get("PerFrameFunctionalGroupsSequence", []), start=1):
+        try:
+            source = item.DerivationImageSequence[0].SourceImageSequence[0]
+            position = np.asarray(item.PlanePositionSequence[0].ImagePositionPatient, dtype=float)
+            holder = item if "PlaneOrientationSequence" in item else shared
+            orientation = np.asarray(holder.PlaneOrientationSequence[0].ImageOrientationPatient, dtype=float)
+        except (AttributeError, IndexError, KeyError) as err:
+            raise CipaInputError(
+                f"{path}: frame {index} has no source reference or plane position/orientation ({err}); expected "
+                "DerivationImageSequence/SourceImageSequence and PlanePositionSequence in every frame"
+            ) from None
+        referenced_frame = source.get("ReferencedFrameNumber")
+        key = (str(source.ReferencedSOPInstanceUID), None if referenced_frame is None else int(referenced_frame))
+        ct = where.get(key)
+        if ct is None:
+            raise CipaInputError(f"{path}: frame {index} references {key[0]} (frame {key[1]}), which is not a slice "
+                                 "of the given CT series")
+        ct_position = np.asarray(ct.ImagePositionPatient, dtype=float)
+        ct_orientation = np.asarray(ct.ImageOrientationPatient, dtype=float)
+        if (np.abs(position - ct_position).max() > _FRAME_POSITION_TOLERANCE_MM
+                or np.abs(orientation - ct_orientation).max() > _ORIENTATION_TOLERANCE):
+            raise CipaInputError(
+                f"{path}: frame {index} lies at ImagePositionPatient {position.round(3).tolist()} mm, orientation "
+                f"{orientation.round(4).tolist()}, but references CT instance {key[0]} at "
+                f"{ct_position.round(3).tolist()} mm, orientation {ct_orientation.round(4).tolist()}; expected the "
+                "frame on the slice it references (SpatialLocationsPreserved is not stated)"
+            )
+
+
 def _with_type2_attributes(ds: Dataset) -> Dataset:
     """``ds`` itself when it has every attribute highdicom copies, else a header-only copy with the gaps empty.
 
@@ -197,7 +258,9 @@ def read_dicom_seg_mask(
     """Read one segment of a DICOM SEG back onto the ``[i, j, k]`` grid of the CT series it references.
 
     Each SEG frame is placed on the CT slice whose SOPInstanceUID its source-image reference names, so the result
-    does not depend on frame order and slices without a frame are empty.
+    does not depend on frame order and slices without a frame are empty. A SEG that leaves SpatialLocationsPreserved
+    out (dcmqi's, as MONAI Label and 3D Slicer write) is read too, once every frame's ImagePositionPatient is found on
+    the slice it references.
 
     Args:
         path: the SEG file.
@@ -209,8 +272,8 @@ def read_dicom_seg_mask(
 
     Raises:
         CipaInputError: the file is not a DICOM SEG, it has no such segment, its frames carry no per-frame source
-            references, or it references CT instances that are not in ``source_ct_datasets`` (a SEG of another
-            series).
+            references, it references CT instances that are not in ``source_ct_datasets`` (a SEG of another
+            series), or (SpatialLocationsPreserved not stated) a frame lies elsewhere than the slice it references.
     """
     import highdicom as hd
     from pydicom.errors import InvalidDicomError
@@ -248,11 +311,17 @@ def read_dicom_seg_mask(
     # CT slices without a SEG frame are empty (write_dicom_seg drops empty frames); every instance the SEG refers
     # to was checked above to belong to this series, so a wrong series cannot silently read back as all zeros.
     multiframe = _multiframe_source(source_ct_datasets)
+    # A SEG that does not state SpatialLocationsPreserved (dcmqi's) is placed by reference only once the frame
+    # positions show that each frame lies on the slice it references.
+    stated = _spatial_locations_stated(seg)
+    if not stated:
+        _check_frames_sit_on_their_sources(seg, source_ct_datasets, path)
     try:
         if multiframe is None:
             pixels = seg.get_pixels_by_source_instance(
                 source_sop_instance_uids=wanted,
                 segment_numbers=[segment_number],
+                ignore_spatial_locations=not stated,
                 assert_missing_frames_are_empty=True,
                 dtype=np.uint8,
             )
@@ -261,6 +330,7 @@ def read_dicom_seg_mask(
                 source_sop_instance_uid=wanted[0],
                 source_frame_numbers=multiframe[1],
                 segment_numbers=[segment_number],
+                ignore_spatial_locations=not stated,
                 assert_missing_frames_are_empty=True,
                 dtype=np.uint8,
             )
