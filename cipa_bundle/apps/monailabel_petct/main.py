@@ -45,7 +45,9 @@ logger = logging.getLogger(__name__)
 MODEL = "cipa_petct"
 LABELS = {"lung_tumor": 1}
 # The SEG's segment, as MONAI Label's nifti_to_dicom_seg takes it (dcmqi metadata).
-SEGMENT = {"name": "lung_tumor", "description": "Lung tumour (CIPA PET-CT)", "color": [255, 0, 0]}
+# model_name becomes the SEG's SeriesDescription.
+SEGMENT = {"name": "lung_tumor", "description": "Lung tumour (CIPA PET-CT)", "color": [255, 0, 0],
+           "model_name": "CIPA PET-CT"}
 # A request's own key for the CT series: MONAI Label replaces "image" by a local file before the task runs.
 CT_SERIES_KEY = "cipa_ct_series"
 
