@@ -237,8 +237,9 @@ class Commands:
         """Segment many studies of a DICOMweb server one after another; a re-run skips the studies already done.
 
         Writes OUT_DIR/<StudyInstanceUID>/ per study (as predict), OUT_DIR/manifest.json and OUT_DIR/summary.csv
-        (study_uid, status, seconds, fetch_seconds, store_seconds, tumor_count, total_volume_ml, stored, error). A study that fails is recorded and
-        the batch goes on; the command then ends with exit code 2 and names how many failed.
+        (study_uid, status, seconds, fetch_seconds, store_seconds, tumor_count, total_volume_ml, stored, error). A
+        study that fails is recorded and the batch goes on; the command then ends with exit code 2 and names how many
+        failed.
 
         Args:
             server: dicomweb://HOST:PORT/PATH (credentials from the environment, as for predict).

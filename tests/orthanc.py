@@ -27,7 +27,7 @@ def orthanc_available() -> bool:
     return Path(ORTHANC).is_file() and DICOMWEB_PLUGIN.is_file()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -44,7 +44,7 @@ class OrthancServer:
     def __init__(self, root: Path, lua: str | None = None) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.http_port, self.dicom_port = _free_port(), _free_port()
+        self.http_port, self.dicom_port = free_port(), free_port()
         config = {
             "Name": "cipa-test",
             "StorageDirectory": str(self.root / "storage"),

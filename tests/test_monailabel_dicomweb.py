@@ -10,14 +10,9 @@ from its folder.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
@@ -26,8 +21,8 @@ import requests
 from cipa_bundle.inference.predict import predict
 from cipa_bundle.io.dicom import read_series
 from cipa_bundle.io.seg import read_dicom_seg_mask
-from tests.conftest import REPO_ROOT
-from tests.orthanc import PASSWORD, USER, OrthancServer, orthanc_available
+from tests.monailabel_server import MonaiLabelServer
+from tests.orthanc import OrthancServer, orthanc_available
 from tests.test_inference import NO_POSTPROCESSING, tiny_checkpoint  # noqa: F401 - fixture, used by name
 from tests.test_monailabel import LABEL_PYTHON, needs_monailabel
 
@@ -35,13 +30,6 @@ pytestmark = [
     needs_monailabel,
     pytest.mark.skipif(not orthanc_available(), reason="Orthanc and its DICOMweb plugin are not installed"),
 ]
-APP = REPO_ROOT / "cipa_bundle" / "apps" / "monailabel_petct"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_monailabel_infers_a_pacs_ct_series_with_its_pet_and_stores_the_seg(
@@ -52,56 +40,27 @@ def test_monailabel_infers_a_pacs_ct_series_with_its_pet_and_stores_the_seg(
     case = make_phantom_dataset(tmp_path / "phantom", 1, seed=31, noise=False, blur=False)[0]
     ct_files = sorted((case / "dicom" / "ct").glob("*.dcm"))
     ct_uid = str(pydicom.dcmread(ct_files[0]).SeriesInstanceUID)
-    # The app's own post-processing defaults would empty the random network's mask: turn them off, as predict's
-    # tests do, so that the SEG has something in it.
-    weights = tmp_path / "weights.pt"
-    shutil.copyfile(tiny_checkpoint, weights)
 
     orthanc = OrthancServer(tmp_path / "orthanc").start()
-    server = None
+    server = MonaiLabelServer(LABEL_PYTHON, tmp_path, orthanc, tiny_checkpoint)
     try:
         (study_uid,) = orthanc.upload(sorted((case / "dicom").rglob("*.dcm")))
-        app = tmp_path / "app"
-        shutil.copytree(APP, app)
-        port = _free_port()
-        label_bin = str(Path(LABEL_PYTHON).parent)  # dcmqi's itkimage2segimage, installed in the MONAI Label venv
-        env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-        env.update({"MONAI_LABEL_DICOMWEB_USERNAME": USER, "MONAI_LABEL_DICOMWEB_PASSWORD": PASSWORD,
-                    "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp_path / "cache"),
-                    "PATH": label_bin + os.pathsep + env.get("PATH", "")})
-        log = open(tmp_path / "monailabel.log", "w")  # noqa: SIM115 - closed in finally
-        server = subprocess.Popen(
-            [LABEL_PYTHON, "-m", "monailabel.main", "start_server", "--app", str(app), "--studies",
-             f"{orthanc.rest}/dicom-web", "--conf", "cipa_python", sys.executable, "--conf", "checkpoint",
-             str(weights), "--host", "127.0.0.1", "--port", str(port)],
-            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
-        )
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        info = None
-        while time.monotonic() < deadline and server.poll() is None:
-            try:
-                answer = requests.get(f"{base}/info/", timeout=5)
-                if answer.status_code == 200:
-                    info = answer.json()
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(1)
-        assert info is not None, (tmp_path / "monailabel.log").read_text()[-4000:]
+        info = server.start()
         assert "cipa_petct" in info["models"]
         # MONAI Label lists the CT series as the datastore's images (the PET is not an image of its own): its
         # active-learning strategy hands out the CT, which is what a viewer would send.
-        sample = requests.post(f"{base}/activelearning/random", json={}, timeout=60)
+        sample = requests.post(f"{server.base}/activelearning/random", json={}, timeout=60)
         assert sample.status_code == 200 and sample.json()["id"] == ct_uid, sample.text
 
+        # The random network's mask would not survive the default size filters: the request turns them off, as
+        # predict's own tests do, so that the SEG has something in it.
         params = {"save_label": True, "label_tag": "final", "cipa_overrides": NO_POSTPROCESSING}
-        answer = requests.post(f"{base}/infer/cipa_petct", params={"image": ct_uid, "output": "image"},
+        answer = requests.post(f"{server.base}/infer/cipa_petct", params={"image": ct_uid, "output": "image"},
                                data={"params": json.dumps(params)}, timeout=600)
-        assert answer.status_code == 200, answer.text[-2000:] + (tmp_path / "monailabel.log").read_text()[-4000:]
+        assert answer.status_code == 200, answer.text[-2000:] + server.log_tail()
 
         segs = orthanc.series_of(study_uid, "SEG")
-        assert len(segs) == 1, (tmp_path / "monailabel.log").read_text()[-4000:]
+        assert len(segs) == 1, server.log_tail()
         seg_uid = segs[0]["0020000E"]["Value"][0]
         session = orthanc.session()
         found = session.post(f"{orthanc.rest}/tools/find", json={"Level": "Instance",
@@ -109,21 +68,14 @@ def test_monailabel_infers_a_pacs_ct_series_with_its_pet_and_stores_the_seg(
         seg_file = tmp_path / "stored_seg.dcm"
         seg_file.write_bytes(session.get(f"{orthanc.rest}/instances/{found[0]}/file").content)
     finally:
-        if server is not None:
-            server.terminate()
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
+        server.stop()
         orthanc.stop()
 
     seg = pydicom.dcmread(seg_file)
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == ct_uid and seg.StudyInstanceUID == study_uid
     ct = read_series(case / "dicom" / "ct", modality="CT")
     stored_mask = read_dicom_seg_mask(seg_file, ct.datasets)
-    local = predict(case / "dicom", tmp_path / "local", weights, overrides=NO_POSTPROCESSING, progress=False)
-    import nibabel as nib
-
+    local = predict(case / "dicom", tmp_path / "local", tiny_checkpoint, overrides=NO_POSTPROCESSING, progress=False)
     expected = np.asarray(nib.load(local["mask"]).dataobj) > 0
     assert expected.any()
     assert np.array_equal(stored_mask > 0, expected)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -107,6 +108,7 @@ def test_dicomweb_addresses_are_parsed_and_bad_ones_refused() -> None:
         ("dicomweb://pacs:8042/dicom-web", "no study given"),
         ("dicomweb://pacs:8042/dicom-web?study=1.2&series=3", r"unknown query key\(s\) \['series'\]"),
         ("dicomweb://pacs:8042/dicom-web?study=", "one non-empty study"),
+        ("dicomweb://pacs:8042/dicom-web?study=../../etc", r"study='\.\./\.\./etc' is not a StudyInstanceUID"),
     ]:
         with pytest.raises(DicomWebError, match=message):
             parse_dicomweb_url(bad)
@@ -120,7 +122,7 @@ def test_predict_a_pacs_study_by_uid_and_store_the_seg_back(
     server: OrthancServer, studies: dict[str, Path], tiny_checkpoint: Path, tmp_path: Path  # noqa: F811
 ) -> None:
     uid = _uids(studies)[0]
-    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update({ENV_USER: USER, ENV_PASSWORD: PASSWORD})
     out = tmp_path / "pacs"
     result = subprocess.run(
@@ -175,6 +177,17 @@ def test_pacs_series_follow_the_folder_rules(
     assert chosen["PT"] == [nac_uid] and len(list((tmp_path / "chosen" / "PT").rglob("*.dcm"))) == len(pet)
     with pytest.raises(DicomWebError, match=r"ct_series=1\.2\.3 is not a CT series of the study; found .*PT series"):
         fetch_study(open_client(target.url), target, tmp_path / "wrong", ct_series="1.2.3")
+
+    # A study with a CT and nothing else: refused before anything is fetched, naming what the study holds.
+    ct_only_study = generate_uid()
+    ct_only = _copy_as_new_series(sorted((studies[uid] / "dicom" / "ct").glob("*.dcm")), tmp_path / "ct_only",
+                                  StudyInstanceUID=ct_only_study, StudyDate="20000101")  # outside the batch's dates
+    server.upload(ct_only)
+    lonely = parse_dicomweb_url(server.address(ct_only_study))
+    with pytest.raises(DicomWebError, match=f"study {ct_only_study}: no PET series \\(Modality PT\\) in the study; "
+                                            "found CT series"):
+        fetch_study(open_client(lonely.url), lonely, tmp_path / "lonely")
+    assert not (tmp_path / "lonely").exists()
 
 
 def test_a_study_that_is_not_there_ends_with_one_line(
@@ -301,7 +314,8 @@ def test_batch_isolates_a_broken_study_and_a_rerun_completes_it(
 def test_batch_inputs_are_checked(server: OrthancServer, studies: dict[str, Path], credentials: None,
                                   tmp_path: Path) -> None:
     target = parse_dicomweb_url(server.dicomweb, require_study=False)
-    assert sorted(search_studies(open_client(target.url), target, "19000101-")) == _uids(studies)
+    date = pydicom.dcmread(next((next(iter(studies.values())) / "dicom" / "ct").glob("*.dcm"))).StudyDate
+    assert sorted(search_studies(open_client(target.url), target, f"{date}-")) == _uids(studies)
     assert search_studies(open_client(target.url), target, "19000101-19000102") == []
     with pytest.raises(DicomWebError, match="study date '2024-01'; expected YYYYMMDD"):
         search_studies(open_client(target.url), target, "2024-01")

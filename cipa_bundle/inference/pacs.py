@@ -36,6 +36,7 @@ from cipa_bundle.io.atomic import atomic_outputs
 from cipa_bundle.io.dicomweb import (
     DicomWebError,
     DicomWebStudy,
+    is_uid,
     open_client,
     parse_dicomweb_url,
     retrieve_series,
@@ -56,7 +57,6 @@ _IMAGE_MODALITIES = {"CT": "CT", "PT": "PET"}
 # dicomweb-client logs every HTTP request at INFO; the bundle's logging config shows INFO, and a whole-study fetch
 # would bury the one progress line per study.
 logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
-_UID_CHARACTERS = set("0123456789.")
 
 
 @dataclass
@@ -187,7 +187,7 @@ def read_study_list(path: str | os.PathLike[str]) -> list[str]:
         text = line.split("#", 1)[0].strip()
         if not text:
             continue
-        if len(text) > 64 or not set(text) <= _UID_CHARACTERS or text.startswith(".") or ".." in text:
+        if not is_uid(text):
             raise CipaInputError(f"study list {source}, line {number}: {text!r} is not a StudyInstanceUID "
                                  "(digits and dots, at most 64 characters)")
         if text not in uids:

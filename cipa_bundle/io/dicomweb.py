@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ __all__ = [
     "ENV_USER",
     "ENV_PASSWORD",
     "is_dicomweb_url",
+    "is_uid",
     "parse_dicomweb_url",
     "open_client",
     "study_series",
@@ -59,6 +61,9 @@ _STUDY_UID = "0020000D"
 _SOP_UID = "00080018"
 _INSTANCES_IN_SERIES = "00201209"
 _FAILED_SOP_SEQUENCE = "FailedSOPSequence"
+# A UID as it may name a folder: digits and dots only (PS3.5 9.1), at most 64 characters. Leading zeros, which the
+# standard forbids but real archives hold, are let through: only path safety is checked here.
+_UID_PATTERN = re.compile(r"[0-9]+(\.[0-9]+)*")
 # Seconds to wait for the server to answer one request; a whole series streams within it per chunk.
 _TIMEOUT = 60.0
 
@@ -106,6 +111,11 @@ def is_dicomweb_url(text: Any) -> bool:
     return isinstance(text, str) and text.split("://", 1)[0].lower() in _SCHEMES and "://" in text
 
 
+def is_uid(text: Any) -> bool:
+    """Whether ``text`` has the characters and length of a DICOM UID (so it is safe as a file or folder name)."""
+    return isinstance(text, str) and len(text) <= 64 and _UID_PATTERN.fullmatch(text) is not None
+
+
 def parse_dicomweb_url(address: str, require_study: bool = True) -> DicomWebStudy:
     """Split a ``dicomweb://`` address into the HTTP service root and the study.
 
@@ -134,6 +144,9 @@ def parse_dicomweb_url(address: str, require_study: bool = True) -> DicomWebStud
         raise DicomWebError(f"{address}: expected one non-empty study=STUDY_UID; expected {_FORM}")
     url = urlunsplit((scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
     study = studies[0].strip() if studies else None
+    if study is not None and not is_uid(study):
+        raise DicomWebError(f"{address}: study={study!r} is not a StudyInstanceUID (digits and dots, at most 64 "
+                            "characters)")
     if require_study and study is None:
         raise DicomWebError(f"{address}: no study given; expected {_FORM}")
     return DicomWebStudy(url, study)
@@ -198,8 +211,12 @@ def study_series(client: Any, target: DicomWebStudy) -> list[SeriesRecord]:
         raise DicomWebError(f"{target}: study not found on the server (QIDO-RS lists no series for it)")
     records = []
     for item in found:
+        uid = str(_value(item, _SERIES_UID))
+        if not is_uid(uid):
+            raise DicomWebError(f"{target}: the server lists a series with SeriesInstanceUID {uid!r}; expected digits "
+                                "and dots, at most 64 characters")
         count = _value(item, _INSTANCES_IN_SERIES)
-        records.append(SeriesRecord(str(_value(item, _SERIES_UID)), str(_value(item, _MODALITY) or ""),
+        records.append(SeriesRecord(uid, str(_value(item, _MODALITY) or ""),
                                     str(_value(item, _SERIES_DESCRIPTION) or "").strip(),
                                     None if count is None else int(count)))
     return records
@@ -217,7 +234,12 @@ def search_studies(client: Any, server: DicomWebStudy, study_date: str) -> list[
         raise DicomWebError(f"{server}: study date {study_date!r}; expected YYYYMMDD or a range YYYYMMDD-YYYYMMDD")
     with _server_errors(server, f"searching studies of {text} (QIDO-RS)"):
         found = client.search_for_studies(search_filters={"StudyDate": text}, get_remaining=True)
-    return sorted({str(_value(item, _STUDY_UID)) for item in found if _value(item, _STUDY_UID)})
+    uids = sorted({str(_value(item, _STUDY_UID)) for item in found if _value(item, _STUDY_UID)})
+    bad = [uid for uid in uids if not is_uid(uid)]
+    if bad:
+        raise DicomWebError(f"{server}: the server lists StudyInstanceUID {bad[0]!r} for {text}; expected digits and "
+                            "dots, at most 64 characters")
+    return uids
 
 
 def retrieve_series(client: Any, target: DicomWebStudy, series_uid: str, folder: str | os.PathLike[str]) -> list[Path]:
@@ -236,6 +258,9 @@ def retrieve_series(client: Any, target: DicomWebStudy, series_uid: str, folder:
     # JPEG 2000 pixel data are decoded by the same reader as a folder study's.
     with _server_errors(target, f"retrieving series {series_uid} (WADO-RS)"):
         for ds in client.iter_series(target.study_uid, series_uid, media_types=(("application/dicom", "*"),)):
+            if not is_uid(str(ds.SOPInstanceUID)):
+                raise DicomWebError(f"{target}: series {series_uid} holds an instance with SOPInstanceUID "
+                                    f"{ds.SOPInstanceUID!r}; expected digits and dots, at most 64 characters")
             final = out / f"{ds.SOPInstanceUID}.dcm"
             temp = final.with_name(final.name + ".part")
             ds.save_as(temp, enforce_file_format=True)

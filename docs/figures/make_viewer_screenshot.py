@@ -24,8 +24,6 @@ import base64
 import itertools
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,12 +36,6 @@ WINDOW = (1400, 900)
 SEGMENTATION_PANEL_BUTTON = (1382, 100)  # right-hand side bar, OHIF 3 default layout
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class Chromium:
     """Headless Chromium driven through the DevTools Protocol (one page)."""
 
@@ -51,7 +43,9 @@ class Chromium:
         import requests
         import websocket
 
-        port = _free_port()
+        from tests.orthanc import free_port
+
+        port = free_port()
         self.process = subprocess.Popen(
             ["chromium", "--headless=new", "--no-sandbox", "--disable-gpu", "--enable-unsafe-swiftshader",
              "--use-angle=swiftshader", f"--window-size={WINDOW[0]},{WINDOW[1]}", f"--remote-debugging-port={port}",
@@ -101,13 +95,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     import numpy as np
-    import pydicom
     import requests
 
     from cipa_bundle.data.phantom import make_phantom_dataset
     from cipa_bundle.io.dicom import read_series
     from cipa_bundle.io.seg import read_dicom_seg_mask
-    from tests.orthanc import PASSWORD, USER, OrthancServer
+    from tests.monailabel_server import MonaiLabelServer
+    from tests.orthanc import OrthancServer
 
     label_python = os.environ.get("CIPA_MONAILABEL_PYTHON", "")
     if not Path(label_python).is_file():
@@ -120,25 +114,9 @@ def main(argv: list[str] | None = None) -> None:
         server = browser = None
         try:
             (study,) = orthanc.upload(sorted((case / "dicom").rglob("*.dcm")))
-            app = work / "app"
-            shutil.copytree(REPO / "cipa_bundle" / "apps" / "monailabel_petct", app)
-            port = _free_port()
-            env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-            env.update({"MONAI_LABEL_DICOMWEB_USERNAME": USER, "MONAI_LABEL_DICOMWEB_PASSWORD": PASSWORD,
-                        "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(work / "cache"),
-                        "PATH": str(Path(label_python).parent) + os.pathsep + env.get("PATH", "")})
-            server = subprocess.Popen(
-                [label_python, "-m", "monailabel.main", "start_server", "--app", str(app), "--studies",
-                 f"{orthanc.rest}/dicom-web", "--conf", "cipa_python", sys.executable, "--conf", "checkpoint",
-                 str(Path(args.checkpoint).resolve()), "--host", "127.0.0.1", "--port", str(port)],
-                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            base = f"http://127.0.0.1:{port}"
-            for _ in range(180):
-                try:
-                    if requests.get(f"{base}/info/", timeout=5).status_code == 200:
-                        break
-                except requests.ConnectionError:
-                    time.sleep(1)
+            server = MonaiLabelServer(label_python, work, orthanc, Path(args.checkpoint))
+            server.start()
+            base = server.base
             answer = requests.post(f"{base}/infer/cipa_petct", params={"image": ct.series_uid, "output": "json"},
                                    data={"params": json.dumps({"save_label": True, "label_tag": "final"})},
                                    timeout=600)
@@ -190,8 +168,7 @@ def main(argv: list[str] | None = None) -> None:
             if browser is not None:
                 browser.close()
             if server is not None:
-                server.terminate()
-                server.wait(timeout=30)
+                server.stop()
             orthanc.stop()
 
 
