@@ -50,6 +50,8 @@ from monai.metrics import CumulativeIterationMetric
 
 from cipa_bundle.components import label_components_in_box
 from cipa_bundle.errors import CipaInputError
+from cipa_bundle.io.nifti import is_nifti_path, strip_nifti_suffix
+from cipa_bundle.io.volume import axial_axis
 
 __all__ = [
     "ConfusionCounts",
@@ -393,8 +395,6 @@ def case_metrics(
         in pixels and the ``(n_slices,)`` bool flags of slices whose ground truth has foreground, which
         :func:`evaluate_folder` pools over all cases.
     """
-    from cipa_bundle.data.slices import axial_axis
-
     p, g = _binary(pred), _binary(gt)
     affine = np.asarray(affine, dtype=np.float64)
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
@@ -477,16 +477,6 @@ class PaperConfusionMetric(CumulativeIterationMetric):
 
 
 # ---------------------------------------------------------------------------------------------------- evaluate
-_NIFTI_SUFFIXES = (".nii.gz", ".nii")
-
-
-def _strip_nifti(name: str) -> str:
-    for suffix in _NIFTI_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 def _collect(path: Path, name: str | None, role: str) -> dict[str, Path]:
     """Map case id -> file for a NIfTI file or a folder searched recursively.
 
@@ -497,9 +487,9 @@ def _collect(path: Path, name: str | None, role: str) -> dict[str, Path]:
     if not path.exists():
         raise CipaInputError(f"{role} path {path} does not exist; expected a NIfTI file or a folder of them")
     if path.is_file():
-        if not path.name.endswith(_NIFTI_SUFFIXES):
+        if not is_nifti_path(path):
             raise CipaInputError(f"{role} file {path} is not NIfTI; expected a .nii or .nii.gz file")
-        return {_strip_nifti(path.name): path}
+        return {strip_nifti_suffix(path.name): path}
     found: dict[str, Path] = {}
     for file in sorted(path.rglob("*")):
         if not file.is_file() or file.name.startswith("."):
@@ -508,9 +498,9 @@ def _collect(path: Path, name: str | None, role: str) -> dict[str, Path]:
             if file.name != name:
                 continue
             rel = file.parent.relative_to(path).as_posix()
-            case = _strip_nifti(name) if rel == "." else rel
-        elif file.name.endswith(_NIFTI_SUFFIXES):
-            case = _strip_nifti(file.relative_to(path).as_posix())
+            case = strip_nifti_suffix(name) if rel == "." else rel
+        elif is_nifti_path(file):
+            case = strip_nifti_suffix(file.relative_to(path).as_posix())
         else:
             continue
         found[case] = file
@@ -583,8 +573,8 @@ def evaluate_folder(
     """
     pred_path, gt_path = Path(pred), Path(gt)
     if pred_path.is_file() and gt_path.is_file():
-        preds = {_strip_nifti(gt_path.name): pred_path}
-        gts = {_strip_nifti(gt_path.name): gt_path}
+        preds = {strip_nifti_suffix(gt_path.name): pred_path}
+        gts = {strip_nifti_suffix(gt_path.name): gt_path}
     else:
         if pred_path.is_file() != gt_path.is_file() and pred_path.exists() and gt_path.exists():
             raise CipaInputError(

@@ -39,7 +39,7 @@ from cipa_bundle.components import label_components, label_components_in_box
 from cipa_bundle.errors import CipaInputError
 from cipa_bundle.io.atomic import atomic_outputs
 from cipa_bundle.io.nifti import grid_mismatch, save_json
-from cipa_bundle.io.volume import Volume
+from cipa_bundle.io.volume import Volume, axial_axis, axial_orientation
 
 __all__ = [
     "Lesion",
@@ -236,22 +236,13 @@ def _to_display(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.n
     return apply_orientation(array, transform), display_spacing
 
 
-def _axial_axis(affine: np.ndarray) -> tuple[int, bool]:
-    """The voxel axis nearest to the patient's S-I axis, and whether index order runs inferior-to-superior."""
-    from nibabel.orientations import io_orientation
-
-    ornt = io_orientation(affine)
-    axis = int(np.flatnonzero(ornt[:, 0] == 2)[0])
-    return axis, bool(ornt[axis, 1] > 0)
-
-
 def max_extent_axial_slice(mask: Volume) -> int:
     """Index, along the mask's own axial voxel axis, of the axial slice with the most tumour voxels.
 
     The axial axis is the voxel axis nearest to the patient's superior-inferior axis according to the affine (``k``
     for ordinary axial CT). Ties go to the lowest index. An empty mask gives the middle slice.
     """
-    axis, _ = _axial_axis(mask.affine)
+    axis = axial_axis(mask.affine)
     counts = np.count_nonzero(np.asarray(mask.array), axis=tuple(a for a in range(3) if a != axis))
     if not counts.any():
         return int(mask.shape[axis] // 2)
@@ -371,7 +362,7 @@ def render_axial_overlay(
         _check_same_grid(ct, "CT", reference, "reference mask")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    axis, inferior_to_superior = _axial_axis(ct.affine)
+    axis, inferior_to_superior = axial_orientation(ct.affine)
     n_axial = ct.shape[axis]
     if slice_index is None:
         slice_index = max_extent_axial_slice(reference if reference is not None else mask)

@@ -18,11 +18,11 @@ from cipa_bundle.data.slices import (
     LoadPCLT20Kd,
     LoadPETCTSliced,
     ReadGrayPNG,
-    axial_axis,
     sample_axial_slices,
     write_slice_datalist,
 )
 from cipa_bundle.errors import CipaInputError
+from cipa_bundle.io.volume import axial_axis
 
 NI, NJ, NK = 5, 4, 6
 LPS_LIKE = np.diag([-0.8, -0.9, 2.0, 1.0])  # what convert writes for a standard axial DICOM series: i -> L, j -> P

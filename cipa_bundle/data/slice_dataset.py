@@ -20,18 +20,17 @@ from typing import Any
 from monai.data import CacheDataset
 
 from cipa_bundle.errors import CipaInputError
+from cipa_bundle.io.nifti import is_nifti_path
 
 __all__ = ["SLICE_KEY", "AxialSliceCacheDataset", "expand_volume_items"]
 
 #: The item key holding the axial slice index (what :func:`sample_axial_slices` writes and ``ExtractAxialSliced``
 #: reads by default).
 SLICE_KEY = "slice"
-#: Label file endings that mark a 3-D volume item (anything else, e.g. a PCLT20K ``_mask.png``, is already 2-D).
-_VOLUME_SUFFIXES = (".nii", ".nii.gz")
-
 
 def _is_volume(path: Any) -> bool:
-    return str(path).lower().endswith(_VOLUME_SUFFIXES)
+    """A NIfTI label marks a 3-D volume item; anything else (e.g. a PCLT20K ``_mask.png``) is already 2-D."""
+    return is_nifti_path(str(path))
 
 
 def expand_volume_items(

@@ -40,7 +40,6 @@ from cipa_bundle.io.nifti import grid_mismatch
 from cipa_bundle.preprocessing.transforms import DEFAULT_CT_WINDOW_HU, DEFAULT_SUV_MAX, ScaleSUV, WindowCT
 
 __all__ = [
-    "axial_axis",
     "ExtractAxialSlice",
     "ExtractAxialSliced",
     "ReadGrayPNG",
@@ -53,18 +52,6 @@ __all__ = [
 
 #: Voxel order assumed for plain arrays that carry no affine: DICOM's (i -> patient left, j -> posterior).
 _LPS_AFFINE = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-
-def axial_axis(affine: np.ndarray) -> int:
-    """The voxel axis (0, 1 or 2) closest to the patient's superior-inferior direction.
-
-    Args:
-        affine: ``(4, 4)`` voxel-to-RAS matrix.
-    """
-    import nibabel as nib
-
-    ornt = nib.io_orientation(np.asarray(affine, dtype=np.float64)[:4, :4])
-    return int(np.nonzero(ornt[:, 0] == 2)[0][0])
 
 
 def _display_plan(affine: np.ndarray, source: str) -> tuple[bool, bool, bool]:

@@ -35,7 +35,7 @@ from typing import Any, Literal
 import numpy as np
 
 from cipa_bundle.errors import CipaInputError
-from cipa_bundle.io.nifti import grid_mismatch, nifti_header
+from cipa_bundle.io.nifti import grid_mismatch, is_nifti_path, nifti_header, strip_nifti_suffix
 
 __all__ = ["PreparedInput", "check_datalist", "prepare_input", "case_name", "FUSED_IMAGE", "SUV_ON_CT"]
 
@@ -88,12 +88,8 @@ def case_name(image_path: str | os.PathLike[str]) -> str:
     The inference workflow saves ``<output_dir>/<case_name>/mask.nii.gz``.
     """
     path = Path(image_path)
-    name = path.name
-    for ext in (".nii.gz", ".nii"):
-        if name.lower().endswith(ext):
-            name = name[: -len(ext)]
-            break
-    if name == FUSED_IMAGE[: -len(".nii.gz")] and path.parent.name:
+    name = strip_nifti_suffix(path.name)
+    if name == strip_nifti_suffix(FUSED_IMAGE) and path.parent.name:
         return path.parent.name
     return name
 
@@ -131,10 +127,6 @@ def check_datalist(items: Any, dataset_dir: str | os.PathLike[str] = "") -> list
 
 
 # --------------------------------------------------------------------------------------------------- helpers
-def _is_nifti(path: Path) -> bool:
-    return path.name.lower().endswith((".nii", ".nii.gz"))
-
-
 def _load_volume(path: Path, what: str):
     """``path`` as a :class:`Volume` (data read as float32), or a CipaInputError naming it."""
     import nibabel as nib
@@ -143,7 +135,7 @@ def _load_volume(path: Path, what: str):
 
     if not path.is_file():
         raise CipaInputError(f"{what} {path} does not exist; {_EXPECTED}")
-    if not _is_nifti(path):
+    if not is_nifti_path(path):
         raise CipaInputError(f"{what} {path} is not a NIfTI file (.nii / .nii.gz); {_EXPECTED}")
     try:
         img = nib.load(os.fspath(path))
@@ -353,7 +345,7 @@ def prepare_input(
     if not path.exists():
         raise CipaInputError(f"input {path} does not exist; {_EXPECTED}")
     if path.is_file():
-        if not _is_nifti(path):
+        if not is_nifti_path(path):
             raise CipaInputError(
                 f"input {path} is a file but not a NIfTI (.nii / .nii.gz); {_EXPECTED} (for DICOM, pass the folder)"
             )

@@ -34,6 +34,7 @@ from monai.data import FolderLayoutBase, NibabelWriter
 from monai.transforms import SaveImaged
 
 from cipa_bundle.inference.inputs import PreparedInput, case_name
+from cipa_bundle.io.nifti import is_nifti_path
 
 __all__ = [
     "MASK_NIFTI",
@@ -119,7 +120,7 @@ class SaveCaseImaged(SaveImaged):
 
     def __init__(self, keys: KeysCollection, output_dir: str | os.PathLike[str], filename: str = MASK_NIFTI,
                  output_dtype: DtypeLike = np.uint8, enabled: bool = True, print_log: bool = False) -> None:
-        if not filename.lower().endswith((".nii", ".nii.gz")):
+        if not is_nifti_path(filename):
             raise ValueError(f"SaveCaseImaged: filename {filename!r} must end in .nii or .nii.gz")
         super().__init__(
             keys,

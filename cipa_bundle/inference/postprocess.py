@@ -36,6 +36,8 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 from monai.utils import convert_to_dst_type
 
+from cipa_bundle.io.volume import axial_axis
+
 __all__ = [
     "DEFAULT_BODY_THRESHOLD",
     "DEFAULT_MIN_BODY_FRACTION",
@@ -107,8 +109,6 @@ def fill_holes_2d(mask: np.ndarray, axis: int = -1) -> np.ndarray:
 def _axial_axis_of(img: Any) -> int:
     """The spatial axis (0, 1 or 2) of a channel-first image that runs head-foot (last axis when no affine)."""
     if isinstance(img, MetaTensor):
-        from cipa_bundle.data.slices import axial_axis
-
         return axial_axis(np.asarray(img.affine, dtype=np.float64))
     return 2
 

@@ -25,6 +25,9 @@ from cipa_bundle.io.volume import Volume
 
 __all__ = [
     "AFFINE_ATOL_MM",
+    "NIFTI_SUFFIXES",
+    "is_nifti_path",
+    "strip_nifti_suffix",
     "nifti_header",
     "require_3d_mask",
     "grid_mismatch",
@@ -39,6 +42,26 @@ __all__ = [
 
 #: gzip level for .nii.gz: 1 is what nibabel uses by default; higher levels cost seconds on clinical volumes.
 _GZIP_LEVEL = 1
+
+
+#: File endings of NIfTI files, the longer first so that ``.nii.gz`` is taken off whole. Matched case-insensitively.
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def is_nifti_path(path: str | os.PathLike[str]) -> bool:
+    """Whether the file name ends in ``.nii`` or ``.nii.gz`` (any case)."""
+    return Path(path).name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def strip_nifti_suffix(text: str) -> str:
+    """``text`` without a final ``.nii`` / ``.nii.gz`` (any case): ``sub/case_001.nii.gz`` -> ``sub/case_001``.
+
+    Text with another ending is returned whole.
+    """
+    for suffix in NIFTI_SUFFIXES:
+        if text.lower().endswith(suffix):
+            return text[: -len(suffix)]
+    return text
 
 
 def nifti_bytes(image: Any, *, gz: bool) -> bytes:
@@ -76,10 +99,9 @@ def save_nifti(image: Any, path: str | os.PathLike[str]) -> Path:
         ValueError: ``path`` does not end in ``.nii`` or ``.nii.gz``.
     """
     final = Path(path)
-    name = final.name.lower()
-    if not (name.endswith(".nii") or name.endswith(".nii.gz")):
+    if not is_nifti_path(final):
         raise ValueError(f"NIfTI output {final} must end in .nii or .nii.gz")
-    data = nifti_bytes(image, gz=name.endswith(".gz"))
+    data = nifti_bytes(image, gz=final.name.lower().endswith(".gz"))
     with atomic_outputs([final]) as (temp,):
         _write_bytes(temp, data)
     return final
@@ -125,13 +147,12 @@ def save_nifti_with_sidecar(
         ``(nifti_path, json_path)``.
     """
     final = Path(path)
-    name = final.name.lower()
-    if not (name.endswith(".nii") or name.endswith(".nii.gz")):
+    if not is_nifti_path(final):
         raise ValueError(f"NIfTI output {final} must end in .nii or .nii.gz")
     json_file = Path(sidecar_file) if sidecar_file is not None else sidecar_path(final)
     # Serialise both before touching the disk, so a bad value fails with nothing written.
     text = json_text(sidecar).encode("utf-8")
-    data = nifti_bytes(image, gz=name.endswith(".gz"))
+    data = nifti_bytes(image, gz=final.name.lower().endswith(".gz"))
     with atomic_outputs([final, json_file]) as (temp_nii, temp_json):
         _write_bytes(temp_nii, data)
         _write_bytes(temp_json, text)
@@ -141,11 +162,7 @@ def save_nifti_with_sidecar(
 def sidecar_path(nifti_path: str | os.PathLike[str]) -> Path:
     """The JSON sidecar of a NIfTI file, BIDS-style: ``suv.nii.gz`` -> ``suv.json``, ``x.nii`` -> ``x.json``."""
     path = Path(nifti_path)
-    name = path.name
-    for ext in (".nii.gz", ".nii"):
-        if name.lower().endswith(ext):
-            return path.with_name(name[: -len(ext)] + ".json")
-    return path.with_name(name + ".json")
+    return path.with_name(strip_nifti_suffix(path.name) + ".json")
 
 
 # ---------------------------------------------------------------------------------------------------- grid checks

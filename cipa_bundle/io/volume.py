@@ -18,10 +18,33 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Volume", "LPS_TO_RAS"]
+__all__ = ["Volume", "LPS_TO_RAS", "axial_axis", "axial_orientation"]
 
 #: diag(-1, -1, 1, 1): flips x and y between DICOM/ITK patient space (LPS) and NIfTI world space (RAS).
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def axial_orientation(affine: np.ndarray) -> tuple[int, bool]:
+    """The voxel axis (0, 1 or 2) nearest to the patient's superior-inferior axis, and whether its index runs
+    inferior to superior.
+
+    Args:
+        affine: ``(4, 4)`` voxel-to-RAS matrix.
+    """
+    from nibabel.orientations import io_orientation
+
+    ornt = io_orientation(np.asarray(affine, dtype=np.float64)[:4, :4])
+    axis = int(np.flatnonzero(ornt[:, 0] == 2)[0])
+    return axis, bool(ornt[axis, 1] > 0)
+
+
+def axial_axis(affine: np.ndarray) -> int:
+    """The voxel axis (0, 1 or 2) nearest to the patient's superior-inferior axis (``k`` for ordinary axial CT).
+
+    Args:
+        affine: ``(4, 4)`` voxel-to-RAS matrix.
+    """
+    return axial_orientation(affine)[0]
 
 
 @dataclass

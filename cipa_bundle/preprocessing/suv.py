@@ -1177,10 +1177,10 @@ def write_suv(
         ``(nifti_path, json_path)``.
     """
     from cipa_bundle import __version__
-    from cipa_bundle.io.nifti import save_nifti_with_sidecar
+    from cipa_bundle.io.nifti import is_nifti_path, save_nifti_with_sidecar
 
     out = Path(out_path)
-    if not (out.name.lower().endswith(".nii") or out.name.lower().endswith(".nii.gz")):
+    if not is_nifti_path(out):
         raise CipaInputError(f"output {out}: expected a path ending in .nii or .nii.gz")
     volume, prov = pet_series_to_suv(pet_dir, kind, mbq_heuristic=mbq_heuristic, allow_decay_none=allow_decay_none)
     record = {"cipa_bundle_version": __version__, "source": str(pet_dir), **prov.to_dict()}
