@@ -72,7 +72,6 @@ __all__ = [
 OUTPUT_FILES: tuple[str, ...] = ("ct.nii.gz", "suv.nii.gz", "suv_ct.nii.gz", "image.nii.gz", "provenance.json")
 
 _REGISTER = ("none", "rigid")
-_KINDS = ("bw", "lbm", "bsa")
 
 #: Where MONAI Label's local datastore keeps final (approved) labels, relative to the studies folder.
 STUDIES_LABEL_DIR = ("labels", "final")
@@ -347,13 +346,13 @@ def convert_study(
     from cipa_bundle.io.atomic import atomic_outputs
     from cipa_bundle.io.nifti import json_text, nifti_bytes
     from cipa_bundle.preprocessing.registration import check_frame_of_reference, resample_to_reference, rigid_refine
-    from cipa_bundle.preprocessing.suv import pet_series_to_suv
+    from cipa_bundle.preprocessing.suv import SUV_KINDS, pet_series_to_suv
     from cipa_bundle.preprocessing.transforms import ScaleSUV, WindowCT
 
     if register not in _REGISTER:
         raise CipaInputError(f"convert: register={register!r} is not supported; expected one of {', '.join(_REGISTER)}")
-    if suv_kind not in _KINDS:
-        raise CipaInputError(f"convert: kind={suv_kind!r} is not supported; expected one of {', '.join(_KINDS)}")
+    if suv_kind not in SUV_KINDS:
+        raise CipaInputError(f"convert: kind={suv_kind!r} is not supported; expected one of {', '.join(SUV_KINDS)}")
     study = Path(study_dir)
     out = Path(out_dir)
     studies: tuple[Path, Path] | None = None

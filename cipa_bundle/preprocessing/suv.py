@@ -77,7 +77,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -104,6 +104,7 @@ __all__ = [
     "RescaleInterceptError",
     "SuvError",
     "SuvKind",
+    "SUV_KINDS",
     "SuvProvenance",
     "UnsupportedUnitsError",
     "body_surface_area_dubois",
@@ -115,6 +116,8 @@ __all__ = [
 ]
 
 SuvKind = Literal["bw", "lbm", "bsa"]
+#: The SUV normalisations, as ``SuvKind`` spells them: body weight, lean body mass (SUL), body surface area.
+SUV_KINDS: tuple[str, ...] = get_args(SuvKind)
 
 PET_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.128"
 #: PET Image Storage and the multi-frame PET classes, whose frames the DICOM reader hands over as single-frame views.

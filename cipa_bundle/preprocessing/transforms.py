@@ -199,7 +199,9 @@ class LoadDicomPETSUV(Transform):
     """
 
     def __init__(self, kind: str = "bw", ensure_channel_first: bool = False) -> None:
-        if kind not in ("bw", "lbm", "bsa"):
+        from cipa_bundle.preprocessing.suv import SUV_KINDS
+
+        if kind not in SUV_KINDS:
             raise ValueError(f"LoadDicomPETSUV: kind must be 'bw', 'lbm' or 'bsa', got {kind!r}")
         self.kind = kind
         self.ensure_channel_first = ensure_channel_first
