@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cipa_bundle.networks import CIPA, convert_official_state_dict, load_vmamba_pretrained, param_groups
-from cipa_bundle.networks.official import OfficialKeyError
+from cipa_bundle.networks.official_keys import OfficialKeyError
 
 #: A configuration small enough for many CPU passes per second; dims >= 30 because the decoder's channel attention
 #: squeezes C // 30 channels.

@@ -8,7 +8,7 @@ from cipa_bundle.networks.crm import ChannelRectification
 from cipa_bundle.networks.dcim import CrossModalInteraction
 from cipa_bundle.networks.decoder import MambaDecoder
 from cipa_bundle.networks.encoder import VMambaEncoder
-from cipa_bundle.networks.official import convert_official_state_dict, load_vmamba_pretrained
+from cipa_bundle.networks.official_keys import convert_official_state_dict, load_vmamba_pretrained
 from cipa_bundle.networks.optim import param_groups
 
 __all__ = [

@@ -13,6 +13,7 @@ from cipa_bundle.networks.crm import ChannelRectification
 from cipa_bundle.networks.dcim import CrossModalInteraction
 from cipa_bundle.networks.decoder import MambaDecoder
 from cipa_bundle.networks.encoder import VMambaEncoder
+from cipa_bundle.networks.official_keys import load_vmamba_pretrained
 
 __all__ = ["CIPA"]
 
@@ -93,8 +94,6 @@ class CIPA(nn.Module):
             widths, decoder_depths, out_channels, decoder_d_state, decoder_drop_path_rate, use_checkpoint=use_checkpoint
         )
         if pretrained:
-            from cipa_bundle.networks.official import load_vmamba_pretrained
-
             load_vmamba_pretrained(self.encoder, pretrained)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
