@@ -5,9 +5,11 @@ Run it in the MONAI Label environment (``.venv-label``, README.md), on a copy of
     monailabel start_server --app APP_DIR --studies http://127.0.0.1:8042/dicom-web \\
         --conf cipa_python /path/to/.venv/bin/python --conf checkpoint /path/to/models/model.pt
 
-**Why a subprocess.** MONAI Label 0.8.5's server needs pydicom 2 (pydicom-seg), while SUV from the PET headers and
-the DICOM reading of ``cipa_bundle`` need pydicom 3. So the app runs ``cipa-bundle predict`` of the *main*
-environment (``--conf cipa_python``) as a child process, and only MONAI Label's own code runs in this one.
+**Why a subprocess.** MONAI Label 0.8.5's server needs pydicom 2 (pydicom-seg), while ``cipa-bundle predict`` needs
+pydicom 3: its DICOM SEG and RTSTRUCT code uses highdicom 0.28, which does not import under pydicom 2.4 (``cannot
+import name 'parse_basic_offsets' from 'pydicom.encaps'``), and the package is only tested with pydicom 3. So the app
+runs ``cipa-bundle predict`` of the *main* environment (``--conf cipa_python``) as a child process, and only MONAI
+Label's own code runs in this one.
 
 **What one infer request does** (``POST /infer/cipa_petct?image=<CT SeriesInstanceUID>``):
 
