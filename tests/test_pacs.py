@@ -203,7 +203,7 @@ def test_a_study_that_is_not_there_ends_with_one_line(
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1
     assert f"127.0.0.1:{server.http_port}/dicom-web study 1.2.826.0.1.3680043.8.498.999: study not found" in lines[0]
-    assert list((tmp_path / "o").iterdir()) == []  # nothing downloaded or written is left
+    assert not (tmp_path / "o").exists()  # nothing downloaded or written is left, not even the folder
 
 
 def test_authentication_failures_name_the_server_and_never_the_secret(
@@ -246,7 +246,7 @@ def test_a_refused_store_keeps_the_files_and_a_stopped_server_is_unreachable(
         strict.stop()
     with pytest.raises(DicomWebError, match=f"127.0.0.1:{strict.http_port}/dicom-web study {uid}: server unreachable"):
         predict_dicomweb(strict.address(uid), tmp_path / "after", tiny_checkpoint, progress=False)
-    assert list((tmp_path / "after").iterdir()) == []
+    assert not (tmp_path / "after").exists()
 
 
 # --------------------------------------------------------------------------------------------- batch

@@ -145,20 +145,26 @@ def predict_dicomweb(
     target = address if isinstance(address, DicomWebStudy) else parse_dicomweb_url(str(address))
     client = open_client(target.url)
     out = Path(out_dir)
+    made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
-    with tempfile.TemporaryDirectory(prefix=".cipa-dicomweb-", dir=out) as download:
-        # Named after the study, so that the report's case is the StudyInstanceUID rather than a temporary name.
-        study_dir = Path(download) / str(target.study_uid)
-        start = time.perf_counter()
-        series = fetch_study(client, target, study_dir, ct_series, pet_series)
-        seconds["fetch"] = time.perf_counter() - start
-        source = {"dicomweb": {"url": target.url, "study_instance_uid": target.study_uid, "series": series,
-                               "fetch_seconds": round(seconds["fetch"], 3)}}
-        start = time.perf_counter()
-        written = predict(study_dir, out, checkpoint, ct_series=ct_series, pet_series=pet_series, rtstruct=rtstruct,
-                          report_extra=source, **predict_kwargs)
-        seconds["predict"] = time.perf_counter() - start
+    try:
+        with tempfile.TemporaryDirectory(prefix=".cipa-dicomweb-", dir=out) as download:
+            # Named after the study, so that the report's case is the StudyInstanceUID rather than a temporary name.
+            study_dir = Path(download) / str(target.study_uid)
+            start = time.perf_counter()
+            series = fetch_study(client, target, study_dir, ct_series, pet_series)
+            seconds["fetch"] = time.perf_counter() - start
+            source = {"dicomweb": {"url": target.url, "study_instance_uid": target.study_uid, "series": series,
+                                   "fetch_seconds": round(seconds["fetch"], 3)}}
+            start = time.perf_counter()
+            written = predict(study_dir, out, checkpoint, ct_series=ct_series, pet_series=pet_series,
+                              rtstruct=rtstruct, report_extra=source, **predict_kwargs)
+            seconds["predict"] = time.perf_counter() - start
+    except BaseException:
+        if made and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a refused study leaves no folder of its own behind
+        raise
     result = DicomWebPrediction(written, series=series, seconds=seconds)
     if store:
         to_store = [written[key] for key in ("seg", "rtstruct") if key in written]
