@@ -35,6 +35,7 @@ from cipa_bundle.inference.predict import predict
 from cipa_bundle.io.atomic import atomic_outputs
 from cipa_bundle.io.dicomweb import (
     DicomWebError,
+    UID_FORM,
     DicomWebStudy,
     is_uid,
     open_client,
@@ -181,7 +182,7 @@ def read_study_list(path: str | os.PathLike[str]) -> list[str]:
     """StudyInstanceUIDs from a text file: one per line; blank lines and ``#`` comments are skipped.
 
     Raises:
-        CipaInputError: a missing file, a line that is not a UID (digits and dots, at most 64 characters), or no UID.
+        CipaInputError: a missing file, a line that is not a UID (:func:`~cipa_bundle.io.dicomweb.is_uid`), or no UID.
     """
     source = Path(path)
     try:
@@ -195,7 +196,7 @@ def read_study_list(path: str | os.PathLike[str]) -> list[str]:
             continue
         if not is_uid(text):
             raise CipaInputError(f"study list {source}, line {number}: {text!r} is not a StudyInstanceUID "
-                                 "(digits and dots, at most 64 characters)")
+                                 f"({UID_FORM})")
         if text not in uids:
             uids.append(text)
     if not uids:

@@ -29,6 +29,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from cipa_bundle.errors import CipaInputError
+from cipa_bundle.io.atomic import atomic_outputs
 
 __all__ = [
     "DicomWebError",
@@ -39,6 +40,7 @@ __all__ = [
     "ENV_PASSWORD",
     "is_dicomweb_url",
     "is_uid",
+    "UID_FORM",
     "parse_dicomweb_url",
     "open_client",
     "study_series",
@@ -64,6 +66,8 @@ _FAILED_SOP_SEQUENCE = "FailedSOPSequence"
 # A UID as it may name a folder: digits and dots only (PS3.5 9.1), at most 64 characters. Leading zeros, which the
 # standard forbids but real archives hold, are let through: only path safety is checked here.
 _UID_PATTERN = re.compile(r"[0-9]+(\.[0-9]+)*")
+#: What :func:`is_uid` accepts, as the error messages say it.
+UID_FORM = "digits and dots, at most 64 characters"
 # Seconds to wait for the server to answer one request; a whole series streams within it per chunk.
 _TIMEOUT = 60.0
 
@@ -145,8 +149,7 @@ def parse_dicomweb_url(address: str, require_study: bool = True) -> DicomWebStud
     url = urlunsplit((scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
     study = studies[0].strip() if studies else None
     if study is not None and not is_uid(study):
-        raise DicomWebError(f"{address}: study={study!r} is not a StudyInstanceUID (digits and dots, at most 64 "
-                            "characters)")
+        raise DicomWebError(f"{address}: study={study!r} is not a StudyInstanceUID ({UID_FORM})")
     if require_study and study is None:
         raise DicomWebError(f"{address}: no study given; expected {_FORM}")
     return DicomWebStudy(url, study)
@@ -213,8 +216,8 @@ def study_series(client: Any, target: DicomWebStudy) -> list[SeriesRecord]:
     for item in found:
         uid = str(_value(item, _SERIES_UID))
         if not is_uid(uid):
-            raise DicomWebError(f"{target}: the server lists a series with SeriesInstanceUID {uid!r}; expected digits "
-                                "and dots, at most 64 characters")
+            raise DicomWebError(f"{target}: the server lists a series with SeriesInstanceUID {uid!r}; expected "
+                                f"{UID_FORM}")
         count = _value(item, _INSTANCES_IN_SERIES)
         records.append(SeriesRecord(uid, str(_value(item, _MODALITY) or ""),
                                     str(_value(item, _SERIES_DESCRIPTION) or "").strip(),
@@ -237,16 +240,15 @@ def search_studies(client: Any, server: DicomWebStudy, study_date: str) -> list[
     uids = sorted({str(_value(item, _STUDY_UID)) for item in found if _value(item, _STUDY_UID)})
     bad = [uid for uid in uids if not is_uid(uid)]
     if bad:
-        raise DicomWebError(f"{server}: the server lists StudyInstanceUID {bad[0]!r} for {text}; expected digits and "
-                            "dots, at most 64 characters")
+        raise DicomWebError(f"{server}: the server lists StudyInstanceUID {bad[0]!r} for {text}; expected {UID_FORM}")
     return uids
 
 
 def retrieve_series(client: Any, target: DicomWebStudy, series_uid: str, folder: str | os.PathLike[str]) -> list[Path]:
     """Fetch one series (WADO-RS, in its stored transfer syntax) into ``folder/<SOPInstanceUID>.dcm``.
 
-    Each file is written under a temporary name and renamed when complete, so an interrupted transfer leaves no
-    file that looks whole.
+    Each file is written all-or-nothing (:func:`~cipa_bundle.io.atomic.atomic_outputs`), so an interrupted transfer
+    leaves no file that looks whole.
 
     Returns:
         The files written, in the order the server sent them.
@@ -260,11 +262,10 @@ def retrieve_series(client: Any, target: DicomWebStudy, series_uid: str, folder:
         for ds in client.iter_series(target.study_uid, series_uid, media_types=(("application/dicom", "*"),)):
             if not is_uid(str(ds.SOPInstanceUID)):
                 raise DicomWebError(f"{target}: series {series_uid} holds an instance with SOPInstanceUID "
-                                    f"{ds.SOPInstanceUID!r}; expected digits and dots, at most 64 characters")
+                                    f"{ds.SOPInstanceUID!r}; expected {UID_FORM}")
             final = out / f"{ds.SOPInstanceUID}.dcm"
-            temp = final.with_name(final.name + ".part")
-            ds.save_as(temp, enforce_file_format=True)
-            os.replace(temp, final)
+            with atomic_outputs([final]) as (temp,):
+                ds.save_as(temp, enforce_file_format=True)
             written.append(final)
     if not written:
         raise DicomWebError(f"{target}: series {series_uid} returned no instances (WADO-RS)")
