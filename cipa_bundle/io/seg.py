@@ -29,6 +29,7 @@ from pydicom.dataset import Dataset
 from cipa_bundle.errors import CipaInputError
 from cipa_bundle.io.atomic import atomic_outputs
 from cipa_bundle.io.multiframe import frame_number, source_object
+from cipa_bundle.io.nifti import AFFINE_ATOL_MM
 from cipa_bundle.io.source_ct import TYPE2_PATIENT_STUDY, binary_mask_on_ct, check_source_ct
 
 __all__ = ["SEG_SOP_CLASS_UID", "write_dicom_seg", "read_dicom_seg_mask"]
@@ -54,9 +55,8 @@ def _multiframe_source(source_ct_datasets: Sequence[Dataset]) -> tuple[Dataset, 
     return objects[0], [int(frame_number(ds)) for ds in source_ct_datasets]  # type: ignore[arg-type]
 
 
-#: How far (mm) a SEG frame may sit from the CT slice it references when the SEG does not state that spatial
-#: locations are preserved.
-_FRAME_POSITION_TOLERANCE_MM = 0.01
+#: How far ImageOrientationPatient may differ between a SEG frame and the CT slice it references (direction cosines);
+#: positions use the project's grid tolerance, :data:`~cipa_bundle.io.nifti.AFFINE_ATOL_MM`.
 _ORIENTATION_TOLERANCE = 1e-4
 
 
@@ -81,10 +81,7 @@ def _check_frames_sit_on_their_sources(seg: Dataset, source_ct_datasets: Sequenc
         CipaInputError: a frame without position or source reference, or one that lies elsewhere than its CT slice
             (the message names the frame, both positions and the CT instance).
     """
-    where = {}
-    for ds in source_ct_datasets:
-        number = frame_number(ds)
-        where[(str(ds.SOPInstanceUID), None if number is None else int(number))] = ds
+    where = {(str(ds.SOPInstanceUID), frame_number(ds)): ds for ds in source_ct_datasets}
     shared = seg.get("SharedFunctionalGroupsSequence", [Dataset()])[0]
     for index, item in enumerate(seg.get("PerFrameFunctionalGroupsSequence", []), start=1):
         try:
@@ -105,7 +102,7 @@ def _check_frames_sit_on_their_sources(seg: Dataset, source_ct_datasets: Sequenc
                                  "of the given CT series")
         ct_position = np.asarray(ct.ImagePositionPatient, dtype=float)
         ct_orientation = np.asarray(ct.ImageOrientationPatient, dtype=float)
-        if (np.abs(position - ct_position).max() > _FRAME_POSITION_TOLERANCE_MM
+        if (np.abs(position - ct_position).max() > AFFINE_ATOL_MM
                 or np.abs(orientation - ct_orientation).max() > _ORIENTATION_TOLERANCE):
             raise CipaInputError(
                 f"{path}: frame {index} lies at ImagePositionPatient {position.round(3).tolist()} mm, orientation "
