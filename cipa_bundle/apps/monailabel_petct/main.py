@@ -110,15 +110,19 @@ class CipaPetCtInfer(InferTask):
         env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
         env.update(self._credentials())
         logger.info("CIPA PET-CT: %s", " ".join(command))
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
-        if done.returncode != 0:
+        try:
+            done = subprocess.run(command, env=env, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"cipa-bundle predict failed for study {study_uid}: {done.stderr.strip()[-2000:]}")
+            with open(os.path.join(out, "report.json"), encoding="utf-8") as handle:
+                report = json.load(handle)
+            # MONAI Label's server removes the result file once it has sent it, not a folder around it: the mask
+            # leaves the work folder, which is removed whole.
+            descriptor, mask = tempfile.mkstemp(prefix="cipa-monailabel-", suffix=".nii.gz")
+            os.close(descriptor)
+            shutil.move(os.path.join(out, "mask.nii.gz"), mask)
+        finally:
             shutil.rmtree(work, ignore_errors=True)
-            raise RuntimeError(f"cipa-bundle predict failed for study {study_uid}: {done.stderr.strip()[-2000:]}")
-        mask = os.path.join(work, "mask.nii.gz")
-        shutil.move(os.path.join(out, "mask.nii.gz"), mask)
-        with open(os.path.join(out, "report.json"), encoding="utf-8") as handle:
-            report = json.load(handle)
-        shutil.rmtree(out, ignore_errors=True)
         return mask, {"label_names": LABELS, "study_instance_uid": study_uid, "ct_series_instance_uid": series_uid,
                       "tumor_count": report["tumor_count"], "total_volume_ml": report["total_volume_ml"],
                       "pet_series": report["dicomweb"]["series"]["PT"]}
