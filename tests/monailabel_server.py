@@ -10,12 +10,11 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import requests
 
-from tests.orthanc import PASSWORD, USER, OrthancServer, free_port
+from tests.orthanc import PASSWORD, USER, OrthancServer, free_port, stop_process, wait_for_answer
 
 APP_SOURCE = Path(__file__).resolve().parents[1] / "cipa_bundle" / "apps" / "monailabel_petct"
 
@@ -60,24 +59,12 @@ class MonaiLabelServer:
         with open(self.log, "w") as log:
             self.process = subprocess.Popen(self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                             cwd=self.root)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.process.poll() is None:
-            try:
-                answer = requests.get(f"{self.base}/info/", timeout=5)
-                if answer.status_code == 200:
-                    return answer.json()
-            except requests.ConnectionError:
-                pass
-            time.sleep(1)
+        answer = wait_for_answer(self.process, lambda: requests.get(f"{self.base}/info/", timeout=5), timeout, 1.0)
+        if answer is not None:
+            return answer.json()
         self.stop()
         raise RuntimeError(f"monailabel did not start within {timeout} s: {self.log_tail()}")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout=30)
         self.process = None

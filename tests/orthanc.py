@@ -23,6 +23,35 @@ DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 USER, PASSWORD = "cipa", "cipa-test-password"
 
 
+def wait_for_answer(process: subprocess.Popen, get, timeout: float, interval: float):  # noqa: ANN001
+    """Poll ``get()`` (an HTTP GET) until it answers 200, the process exits or ``timeout`` s pass.
+
+    Returns:
+        The 200 response, or ``None`` (the process exited, or it did not answer in time).
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            answer = get()
+            if answer.status_code == 200:
+                return answer
+        except requests.ConnectionError:
+            pass
+        time.sleep(interval)
+    return None
+
+
+def stop_process(process: subprocess.Popen | None, timeout: float) -> None:
+    """Terminate a server process; kill it when it has not stopped after ``timeout`` s."""
+    if process is not None and process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def orthanc_available() -> bool:
     return Path(ORTHANC).is_file() and DICOMWEB_PLUGIN.is_file()
 
@@ -86,28 +115,17 @@ class OrthancServer:
         log = open(self.root / "orthanc.log", "w")  # noqa: SIM115 - the process writes it until stop()
         self.process = subprocess.Popen([ORTHANC, str(self.root / "orthanc.json")], stdout=log, stderr=log,
                                         cwd=self.root)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"Orthanc exited with {self.process.returncode}: "
-                                   f"{(self.root / 'orthanc.log').read_text()[-2000:]}")
-            try:
-                if self.session().get(f"{self.rest}/system", timeout=2).status_code == 200:
-                    return self
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.2)
+        session = self.session()
+        if wait_for_answer(self.process, lambda: session.get(f"{self.rest}/system", timeout=2), timeout, 0.2):
+            return self
+        if self.process.poll() is not None:
+            raise RuntimeError(f"Orthanc exited with {self.process.returncode}: "
+                               f"{(self.root / 'orthanc.log').read_text()[-2000:]}")
         self.stop()
         raise RuntimeError(f"Orthanc did not answer within {timeout} s on port {self.http_port}")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout=20)
         self.process = None
 
     def upload(self, files: Iterable[os.PathLike[str] | str]) -> set[str]:

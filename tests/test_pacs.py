@@ -36,6 +36,7 @@ from cipa_bundle.io.dicomweb import (
 )
 from cipa_bundle.preprocessing.convert import find_study_series
 from tests.orthanc import PASSWORD, USER, OrthancServer, orthanc_available
+from tests.test_convert import _copy_series
 from tests.test_inference import NO_POSTPROCESSING, tiny_checkpoint  # noqa: F401 - fixture, used by name
 
 pytestmark = pytest.mark.skipif(
@@ -81,21 +82,6 @@ def credentials(monkeypatch) -> None:
 
 def _uids(studies: dict[str, Path]) -> list[str]:
     return sorted(studies)
-
-
-def _copy_as_new_series(files: list[Path], out: Path, **tags: object) -> list[Path]:
-    """The series under fresh Series/SOP Instance UIDs, with some tags changed (as a second reconstruction)."""
-    out.mkdir(parents=True)
-    series_uid, written = generate_uid(), []
-    for path in files:
-        ds = pydicom.dcmread(path)
-        ds.SeriesInstanceUID = series_uid
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        for keyword, value in tags.items():
-            setattr(ds, keyword, value)
-        written.append(out / path.name)
-        ds.save_as(written[-1], enforce_file_format=True)
-    return written
 
 
 # --------------------------------------------------------------------------------------------- addresses
@@ -162,9 +148,12 @@ def test_pacs_series_follow_the_folder_rules(
     """A second, non-attenuation-corrected PET in the study is fetched and then set aside, as in a folder."""
     uid = _uids(studies)[1]
     pet = sorted((studies[uid] / "dicom" / "pet").glob("*.dcm"))
-    nac = _copy_as_new_series(pet, tmp_path / "nac", CorrectedImage=["DECY"], SeriesDescription="PET NAC")
-    server.upload(nac)
-    nac_uid = pydicom.dcmread(nac[0]).SeriesInstanceUID
+
+    def non_attenuation_corrected(ds: pydicom.Dataset) -> None:
+        ds.CorrectedImage, ds.SeriesDescription = ["DECY"], "PET NAC"
+
+    nac_uid = _copy_series(studies[uid] / "dicom" / "pet", tmp_path / "nac", "PET NAC", non_attenuation_corrected)
+    server.upload(sorted((tmp_path / "nac").glob("*.dcm")))
     ac_uid = pydicom.dcmread(pet[0]).SeriesInstanceUID
 
     target = parse_dicomweb_url(server.address(uid))
@@ -180,9 +169,12 @@ def test_pacs_series_follow_the_folder_rules(
 
     # A study with a CT and nothing else: refused before anything is fetched, naming what the study holds.
     ct_only_study = generate_uid()
-    ct_only = _copy_as_new_series(sorted((studies[uid] / "dicom" / "ct").glob("*.dcm")), tmp_path / "ct_only",
-                                  StudyInstanceUID=ct_only_study, StudyDate="20000101")  # outside the batch's dates
-    server.upload(ct_only)
+
+    def in_a_study_of_its_own(ds: pydicom.Dataset) -> None:
+        ds.StudyInstanceUID, ds.StudyDate = ct_only_study, "20000101"  # a date outside the batch tests' range
+
+    _copy_series(studies[uid] / "dicom" / "ct", tmp_path / "ct_only", "CT only", in_a_study_of_its_own)
+    server.upload(sorted((tmp_path / "ct_only").glob("*.dcm")))
     lonely = parse_dicomweb_url(server.address(ct_only_study))
     with pytest.raises(DicomWebError, match=f"study {ct_only_study}: no PET series \\(Modality PT\\) in the study; "
                                             "found CT series"):
