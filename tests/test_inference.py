@@ -35,9 +35,9 @@ from cipa_bundle.inference.postprocess import (
 from cipa_bundle.inference.predict import (
     BodySliceInferer,
     MissingWeightsError,
-    checkpoint_architecture,
     predict,
 )
+from cipa_bundle.networks.weights import checkpoint_architecture
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "inference.json"

@@ -29,12 +29,12 @@ from monai.utils import convert_to_dst_type
 
 from cipa_bundle.errors import CipaInputError
 from cipa_bundle.inference.postprocess import DEFAULT_BODY_THRESHOLD
+from cipa_bundle.networks.weights import checkpoint_architecture
 
 __all__ = [
     "BodySliceInferer",
     "MissingWeightsError",
     "bundle_root",
-    "checkpoint_architecture",
     "predict",
     "require_checkpoint",
 ]
@@ -169,57 +169,6 @@ def require_checkpoint(path: str | os.PathLike[str]) -> Path:
     if not checkpoint.is_file():
         raise MissingWeightsError(f"model weights {checkpoint} not found: {_WEIGHTS_HELP}")
     return checkpoint
-
-
-def _state_dict(path: Path) -> Mapping[str, torch.Tensor]:
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch raises many types on a damaged or foreign file
-        raise CipaInputError(f"checkpoint {path}: not a loadable torch state_dict ({err})") from err
-    if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("model"), Mapping):
-        checkpoint = checkpoint["model"]
-    if not isinstance(checkpoint, Mapping) or "encoder.patch_embed.weight" not in checkpoint:
-        raise CipaInputError(
-            f"checkpoint {path}: key encoder.patch_embed.weight missing; expected a state_dict of "
-            "cipa_bundle.networks.CIPA (convert an official CIPA.pth first, with 'cipa-bundle import-official')"
-        )
-    return checkpoint
-
-
-def checkpoint_architecture(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The CIPA constructor arguments a state_dict was saved from, read from its tensor shapes.
-
-    * ``network_width``: output channels of the encoder's patch embedding;
-    * ``img_size``: CRM's first layer normalises the flattened stage-0 map of ``(img_size / 4)**2`` values;
-    * ``encoder_depths`` / ``decoder_depths``: blocks per stage. The decoder's deepest entry exists only for the
-      training drop-path schedule (no weights), so it is set equal to the entry before it.
-
-    Returns:
-        ``{"img_size", "network_width", "encoder_depths", "decoder_depths"}``.
-
-    Raises:
-        CipaInputError: the file is not a CIPA state_dict (square input assumed).
-    """
-    import math
-    import re
-
-    checkpoint = Path(path)
-    state = _state_dict(checkpoint)
-    width = int(state["encoder.patch_embed.weight"].shape[0])
-    area = int(state["crm.0.spatial_norm.weight"].shape[0]) if "crm.0.spatial_norm.weight" in state else 0
-    side = math.isqrt(area)
-    if side * side != area or side == 0:
-        raise CipaInputError(f"checkpoint {checkpoint}: crm.0.spatial_norm has {area} values, expected a square map")
-    encoder = [0, 0, 0, 0]
-    decoder = [0, 0, 0]
-    for key in state:
-        if m := re.match(r"encoder\.stages\.(\d)\.blocks\.(\d+)\.", key):
-            encoder[int(m[1])] = max(encoder[int(m[1])], int(m[2]) + 1)
-        elif m := re.match(r"decoder\.stages\.(\d)\.blocks\.(\d+)\.", key):
-            # decoder.stages.j refines the skip at encoder stage 2 - j (deep to shallow).
-            decoder[2 - int(m[1])] = max(decoder[2 - int(m[1])], int(m[2]) + 1)
-    return {"img_size": 4 * side, "network_width": width, "encoder_depths": encoder,
-            "decoder_depths": [*decoder, decoder[2]]}
 
 
 # ----------------------------------------------------------------------------------------------- predict

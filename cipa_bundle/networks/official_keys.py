@@ -7,24 +7,21 @@ state_dict; only names change. Nothing here downloads anything.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import re
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from cipa_bundle.errors import CipaInputError
+from cipa_bundle.networks.weights import load_checkpoint, state_dict_of
 
 __all__ = [
     "convert_official_state_dict",
     "official_to_cipa_key",
     "load_vmamba_pretrained",
-    "load_checkpoint",
-    "state_dict_of",
     "OfficialKeyError",
 ]
 
@@ -117,32 +114,6 @@ def convert_official_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[
             f"e.g. {unknown[:10]}"
         )
     return converted
-
-
-def load_checkpoint(path: str | os.PathLike[str]) -> Mapping[str, object]:
-    """``torch.load`` without arbitrary unpickling; the official checkpoints also pickle an argparse Namespace."""
-    path = Path(path)
-    if not path.is_file():
-        raise CipaInputError(f"{path}: checkpoint file not found")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch raises several unpickling error types
-        raise CipaInputError(
-            f"{path}: cannot be read as a weights-only PyTorch checkpoint ({type(err).__name__}: {err}). "
-            "Re-save just its state_dict, e.g. torch.save(torch.load(p, weights_only=False)['model'], 'model_only.pth'), "
-            "in an environment you trust."
-        ) from err
-    if not isinstance(checkpoint, Mapping):
-        raise CipaInputError(f"{path}: expected a dict checkpoint, got {type(checkpoint).__name__}")
-    return checkpoint
-
-
-def state_dict_of(checkpoint: Mapping[str, object], path: str | os.PathLike[str]) -> Mapping[str, torch.Tensor]:
-    state = checkpoint.get("model", checkpoint)
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CipaInputError(f"{path}: key 'model' (or the top level) must be a state_dict of tensors")
-    return state  # type: ignore[return-value]
 
 
 # VMamba's released ImageNet checkpoints predate the names used in CIPA's copy of VMamba.
