@@ -78,7 +78,7 @@ class Commands:
             kind: bw (body weight, g/ml), lbm (SUL, Janmahasatian, g/ml) or bsa (Du Bois, cm2/ml).
             allow_decay_none: accept DecayCorrection NONE with the IBSI per-frame formula (refused by default).
         """
-        from cipa_bundle.preprocessing.suv import write_suv
+        from cipa_bundle.preprocessing.suv_series import write_suv
 
         return str(write_suv(pet_dir, out, kind, allow_decay_none=allow_decay_none)[0])
 

@@ -21,7 +21,7 @@ from cipa_bundle.preprocessing.registration import (
     resample_to_reference,
     rigid_refine,
 )
-from cipa_bundle.preprocessing.suv import FrameOfReferenceError
+from cipa_bundle.preprocessing.suv_errors import FrameOfReferenceError
 
 # PET: 4 mm voxels, axes flipped relative to RAS (the usual LPS-sorted DICOM layout), an off-grid origin.
 PET_AFFINE = np.array([[-4.0, 0, 0, 61.3], [0, -4.0, 0, 47.9], [0, 0, 4.0, -30.2], [0, 0, 0, 1]])
@@ -141,7 +141,7 @@ def test_rigid_gate_limits_are_configurable() -> None:
 def _study(root: Path, name: str, shift: tuple[float, float, float]) -> tuple[Volume, Volume, dict]:
     from cipa_bundle.data.phantom import make_phantom_case
     from cipa_bundle.io.dicom import read_series
-    from cipa_bundle.preprocessing.suv import pet_series_to_suv
+    from cipa_bundle.preprocessing.suv_series import pet_series_to_suv
 
     case = make_phantom_case(root, name, seed=4, shift=shift, vendor="siemens")
     ct = read_series(case / "dicom" / "ct").volume

@@ -29,7 +29,7 @@ from pydicom.dataset import Dataset
 from cipa_bundle.cli import main
 from cipa_bundle.io.dicom import read_series
 from cipa_bundle.io.dicom_writer import pet_header, write_image_series
-from cipa_bundle.preprocessing import suv
+from cipa_bundle.preprocessing import suv, suv_errors
 
 REPO = Path(__file__).resolve().parents[1]
 AFFINE = np.array([[-4.0, 0, 0, 100.0], [0, -4.0, 0, 80.0], [0, 0, 3.27, -50.0], [0, 0, 0, 1]])
@@ -202,7 +202,7 @@ def test_d3_conventional_element_is_refused_when_not_philips_or_not_positive_and
     tmp_path: Path, manufacturer: str, value: str, words: tuple[str, ...]
 ) -> None:
     pet = write_pet(tmp_path / "pet", _philips_without_creator(0x00, value, manufacturer))
-    with pytest.raises(suv.PhilipsScaleFactorError) as refused:
+    with pytest.raises(suv_errors.PhilipsScaleFactorError) as refused:
         library_factors(pet, "bw")
     assert all(word in str(refused.value) for word in words), str(refused.value)
 
@@ -284,14 +284,14 @@ def test_vendor_factor_converts_to_sul(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------ X1..X8
 X_CASES = {
-    "X1": (lambda: pet_header(weight_kg=0), None, suv.PatientWeightError),
-    "X2": (lambda: pet_header(dose_bq=None), None, suv.InjectedDoseError),
-    "X3": (lambda: pet_header(half_life_s=0), None, suv.HalfLifeError),
-    "X4": (lambda: pet_header(units="PROPCPS"), None, suv.UnsupportedUnitsError),
-    "X5": (lambda: pet_header(injection=dt.datetime(2024, 1, 1, 10, 30)), None, suv.DecayTimeError),
-    "X6": (lambda: pet_header(decay_correction="NONE"), None, suv.DecayCorrectionError),
-    "X7": (lambda: pet_header(units="CNTS"), None, suv.PhilipsScaleFactorError),
-    "X8": (lambda: pet_header(corrected_image=("DECY", "SCAT")), None, suv.NotCorrectedError),
+    "X1": (lambda: pet_header(weight_kg=0), None, suv_errors.PatientWeightError),
+    "X2": (lambda: pet_header(dose_bq=None), None, suv_errors.InjectedDoseError),
+    "X3": (lambda: pet_header(half_life_s=0), None, suv_errors.HalfLifeError),
+    "X4": (lambda: pet_header(units="PROPCPS"), None, suv_errors.UnsupportedUnitsError),
+    "X5": (lambda: pet_header(injection=dt.datetime(2024, 1, 1, 10, 30)), None, suv_errors.DecayTimeError),
+    "X6": (lambda: pet_header(decay_correction="NONE"), None, suv_errors.DecayCorrectionError),
+    "X7": (lambda: pet_header(units="CNTS"), None, suv_errors.PhilipsScaleFactorError),
+    "X8": (lambda: pet_header(corrected_image=("DECY", "SCAT")), None, suv_errors.NotCorrectedError),
 }
 X_CODES = {"X1": "E2", "X2": "E4", "X3": "E5", "X4": "E7", "X5": "E11", "X6": "E10", "X7": "E8", "X8": "E9"}
 

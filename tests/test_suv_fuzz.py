@@ -2,7 +2,7 @@
 
 Hypothesis draws the SUV-relevant header fields (valid values, edge values and garbage stored verbatim as raw bytes,
 so the files hold exactly what a broken scanner or anonymiser could write), writes a real two-slice PET series and
-runs :func:`~cipa_bundle.preprocessing.suv.write_suv`. Either both outputs exist and hold finite, positive SUVs, or
+runs :func:`~cipa_bundle.preprocessing.suv_series.write_suv`. Either both outputs exist and hold finite, positive SUVs, or
 the error is a ``SuvError`` / ``DicomSeriesError`` and no output file (nor temporary) exists.
 """
 
@@ -26,7 +26,7 @@ from pydicom.tag import Tag
 
 from cipa_bundle.io.dicom import DicomSeriesError
 from cipa_bundle.io.dicom_writer import write_image_series
-from cipa_bundle.preprocessing import suv
+from cipa_bundle.preprocessing import suv_errors, suv_series
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR")
 
@@ -148,9 +148,9 @@ def test_fuzzed_headers_give_finite_suv_or_a_documented_error(h: dict[str, Any])
         build(pet, h)
         out = out_dir / "suv.nii.gz"
         try:
-            nii, side = suv.write_suv(pet, out, h["kind"], mbq_heuristic=h["mbq_heuristic"],
+            nii, side = suv_series.write_suv(pet, out, h["kind"], mbq_heuristic=h["mbq_heuristic"],
                                       allow_decay_none=h["allow_decay_none"])
-        except (suv.SuvError, DicomSeriesError) as err:
+        except (suv_errors.SuvError, DicomSeriesError) as err:
             assert str(err) and "\n" not in str(err)
             assert not out_dir.exists() or not any(out_dir.iterdir())
             return

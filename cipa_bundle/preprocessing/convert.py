@@ -48,16 +48,27 @@ import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
+import torch
+from tqdm import tqdm
 
+from cipa_bundle import __version__
 from cipa_bundle.errors import CipaInputError
+from cipa_bundle.io.atomic import atomic_outputs
+from cipa_bundle.io.dicom import code_strings, find_series, is_localizer, read_series
 from cipa_bundle.io.multiframe import frame_headers, frame_number, is_multiframe
+from cipa_bundle.io.nifti import json_text, nifti_bytes, nifti_header, require_3d_mask, require_same_grid
 from cipa_bundle.io.rtstruct import list_rois, read_rtstruct_mask
 from cipa_bundle.io.volume import Volume
-from cipa_bundle.preprocessing.transforms import DEFAULT_CT_WINDOW_HU, DEFAULT_SUV_MAX
+from cipa_bundle.preprocessing.registration import check_frame_of_reference, resample_to_reference, rigid_refine
+from cipa_bundle.preprocessing.suv import SUV_KINDS
+from cipa_bundle.preprocessing.suv_series import pet_series_to_suv
+from cipa_bundle.preprocessing.transforms import DEFAULT_CT_WINDOW_HU, DEFAULT_SUV_MAX, ScaleSUV, WindowCT
 
 __all__ = [
     "OUTPUT_FILES",
@@ -130,10 +141,6 @@ def find_study_series(
             that is not a series of that modality in the folder (the message lists what was found).
         NoSeriesFoundError: ``study_dir`` is not a folder.
     """
-    import pydicom
-
-    from cipa_bundle.io.dicom import code_strings, find_series, is_localizer
-
     def header(path: Path) -> Any:
         # A multi-frame object answers with its first frame's attributes (CorrectedImage, ImageType may sit in its
         # functional groups).
@@ -185,10 +192,6 @@ def find_study_series(
 
 
 def _versions() -> dict[str, str]:
-    from importlib import metadata
-
-    from cipa_bundle import __version__
-
     versions = {"cipa_bundle": __version__}
     for name in ("itk", "pydicom", "numpy", "monai", "nibabel", "torch"):
         try:
@@ -219,7 +222,6 @@ def studies_case_paths(studies_dir: str | os.PathLike[str], case_id: str) -> tup
 
 def _check_label_grid(label: Path, ct_volume: Volume, image_path: Path, case: str) -> None:
     """Refuse a label that is not a 3-D mask on the CT grid (the grid of ``image.nii.gz``)."""
-    from cipa_bundle.io.nifti import nifti_header, require_3d_mask, require_same_grid
 
     shape, affine = nifti_header(label, case)
     require_3d_mask(case, label, shape)
@@ -339,16 +341,6 @@ def convert_study(
             not on the CT grid, or a case already in ``studies_dir`` with different content. Nothing is written in
             that case.
     """
-    import torch
-    from tqdm import tqdm
-
-    from cipa_bundle.io.dicom import read_series
-    from cipa_bundle.io.atomic import atomic_outputs
-    from cipa_bundle.io.nifti import json_text, nifti_bytes
-    from cipa_bundle.preprocessing.registration import check_frame_of_reference, resample_to_reference, rigid_refine
-    from cipa_bundle.preprocessing.suv import SUV_KINDS, pet_series_to_suv
-    from cipa_bundle.preprocessing.transforms import ScaleSUV, WindowCT
-
     if register not in _REGISTER:
         raise CipaInputError(f"convert: register={register!r} is not supported; expected one of {', '.join(_REGISTER)}")
     if suv_kind not in SUV_KINDS:

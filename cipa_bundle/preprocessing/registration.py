@@ -29,7 +29,9 @@ from typing import Any, Literal
 import numpy as np
 
 from cipa_bundle.errors import CipaInputError
+from cipa_bundle.io.dicom_values import dicom_text, element_value
 from cipa_bundle.io.volume import LPS_TO_RAS, Volume
+from cipa_bundle.preprocessing.suv_errors import FrameOfReferenceError
 
 __all__ = [
     "RigidGate",
@@ -52,8 +54,8 @@ REGISTRATION_SUV_WINDOW = (0.0, 3.0)
 def check_frame_of_reference(pet: Any, ct: Any, *, allow_mismatch: bool = False) -> str | None:
     """Check that PET and CT share one FrameOfReferenceUID (0020,0052) before resampling PET onto CT.
 
-    Thin policy wrapper over :func:`cipa_bundle.preprocessing.suv.check_same_frame_of_reference` (the one place
-    that compares the UIDs and words error E15).
+    An identity resample is right only when both series use the same patient coordinates; separate scans need rigid
+    registration.
 
     Args:
         pet, ct: ``DicomSeries``, pydicom datasets (or lists of them), or the UID strings.
@@ -67,14 +69,29 @@ def check_frame_of_reference(pet: Any, ct: Any, *, allow_mismatch: bool = False)
         FrameOfReferenceError: (E15, a ``CipaInputError``) the UIDs differ or one is missing, and
             ``allow_mismatch`` is false.
     """
-    from cipa_bundle.preprocessing.suv import FrameOfReferenceError, check_same_frame_of_reference
+    pet_uid, pet_file = _frame_of_reference_uid(pet)
+    ct_uid, ct_file = _frame_of_reference_uid(ct)
+    if pet_uid and pet_uid == ct_uid:
+        return pet_uid
+    if allow_mismatch:
+        return None
+    raise FrameOfReferenceError(
+        f"PET and CT not in same frame of reference: FrameOfReferenceUID (0020,0052) = {pet_uid!r} (PET) vs "
+        f"{ct_uid!r} (CT{', ' + str(ct_file) if ct_file else ''}); expected one shared UID for an identity "
+        "resample (use rigid registration for separate scans)",
+        file=pet_file,
+    )
 
-    try:
-        return check_same_frame_of_reference(pet, ct)
-    except FrameOfReferenceError:
-        if allow_mismatch:
-            return None
-        raise
+
+def _frame_of_reference_uid(obj: Any) -> tuple[str, str | None]:
+    """``(FrameOfReferenceUID, a file of the series or None)`` of a ``DicomSeries``, dataset(s) or UID string."""
+    if isinstance(obj, str):
+        return obj, None
+    if hasattr(obj, "frame_of_reference_uid"):
+        files = getattr(obj, "files", None)
+        return str(obj.frame_of_reference_uid), str(files[0]) if files else None
+    ds = obj[0] if isinstance(obj, (list, tuple)) else obj
+    return dicom_text(element_value(ds, "FrameOfReferenceUID")), getattr(ds, "filename", None)
 
 
 # --------------------------------------------------------------------------------------------------- resampling

@@ -3,7 +3,7 @@
 ``suv_factors`` is a pure function over pydicom datasets: it returns one factor per slice, ``SUV = value x factor``
 with ``value = stored x RescaleSlope + RescaleIntercept`` of that instance (the reader applies the slope per
 instance), and a :class:`SuvProvenance` record saying exactly how the factor was obtained. File I/O lives around it
-in :func:`pet_series_to_suv` and :func:`write_suv`.
+in :mod:`cipa_bundle.preprocessing.suv_series`; the header value readers are :mod:`cipa_bundle.io.dicom_values`.
 
 The rules follow the QIBA vendor-neutral SUV pseudo-code with one IBSI fallback (the project's PET-CT notes,
 section 0):
@@ -44,27 +44,7 @@ Choices a careful physicist would make where the notes leave room, all recorded 
 * Philips scale factors must lie in (0, 1e6).
 * A UTC offset on RadiopharmaceuticalStartDateTime is ignored (warned), because the other times carry none.
 
-Errors (each a :class:`SuvError`, hence a ``CipaInputError``; the number is that of the notes' section 2):
-
-====  ===================================  ================================================================
-E1    :class:`NotPetError`                 Modality is not PT or SOP class is not PET Image Storage
-E2    :class:`PatientWeightError`          PatientWeight missing, empty, not finite, < 1 kg or > 1000 kg
-E3    :class:`RadiopharmaceuticalError`    RadiopharmaceuticalInformationSequence missing, empty or > 1 item
-E4    :class:`InjectedDoseError`           RadionuclideTotalDose missing, <= 0 or implausible
-E5    :class:`HalfLifeError`               RadionuclideHalfLife missing, <= 0 or not finite
-E6    :class:`InjectionTimeError`          neither (0018,1078) nor (0018,1072), or unparsable
-E7    :class:`UnsupportedUnitsError`       Units not BQML, CNTS (Philips) or GML (SUVType BW)
-E8    :class:`PhilipsScaleFactorError`     CNTS without usable (7053,1000) / (7053,1009)
-E9    :class:`NotCorrectedError`           CorrectedImage lacks ATTN, or DECY while DecayCorrection is not NONE
-E10   :class:`DecayCorrectionError`        DecayCorrection NONE (default policy), missing or unknown
-E11   :class:`DecayTimeError`              reference time before injection, or more than 30 half-lives after
-E12   :class:`ReferenceTimeError`          series/acquisition dates or times unparsable, or no usable t_ref
-E13   :class:`RescaleInterceptError`       RescaleIntercept not 0
-E14   :class:`InconsistentSeriesError`     series-level attributes differ between instances
-E15   :class:`FrameOfReferenceError`       PET and CT FrameOfReferenceUID differ (identity resample)
-E16   :class:`PatientSizeError`            PatientSize missing/implausible (only SUL and SUVbsa need it)
-E17   :class:`PatientSexError`             PatientSex not M or F (only SUL needs it)
-====  ===================================  ================================================================
+Errors are the numbered classes of :mod:`cipa_bundle.preprocessing.suv_errors` (E1-E17).
 """
 
 from __future__ import annotations
@@ -73,46 +53,50 @@ import dataclasses
 import datetime as _dt
 import math
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, ClassVar, Literal, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
 from pydicom.dataset import Dataset
 
 from cipa_bundle.errors import CipaInputError
+from cipa_bundle.io.dicom_values import (
+    dicom_number,
+    dicom_text,
+    element_value,
+    parse_da,
+    parse_dt,
+    parse_tm,
+    private_value,
+)
 from cipa_bundle.io.multiframe import MULTIFRAME_IMAGE_STORAGE
+from cipa_bundle.preprocessing.suv_errors import (
+    DecayCorrectionError,
+    DecayTimeError,
+    HalfLifeError,
+    InconsistentSeriesError,
+    InjectedDoseError,
+    InjectionTimeError,
+    NotCorrectedError,
+    NotPetError,
+    PatientSexError,
+    PatientSizeError,
+    PatientWeightError,
+    PhilipsScaleFactorError,
+    RadiopharmaceuticalError,
+    ReferenceTimeError,
+    RescaleInterceptError,
+    UnsupportedUnitsError,
+)
 
 __all__ = [
-    "DecayCorrectionError",
-    "DecayTimeError",
-    "FrameOfReferenceError",
-    "HalfLifeError",
-    "InconsistentSeriesError",
-    "InjectedDoseError",
-    "InjectionTimeError",
-    "NotCorrectedError",
-    "NotPetError",
-    "PatientSexError",
-    "PatientSizeError",
-    "PatientWeightError",
-    "PhilipsScaleFactorError",
-    "RadiopharmaceuticalError",
-    "ReferenceTimeError",
-    "RescaleInterceptError",
-    "SuvError",
     "SuvKind",
     "SUV_KINDS",
     "SuvProvenance",
-    "UnsupportedUnitsError",
     "body_surface_area_dubois",
-    "check_same_frame_of_reference",
     "lean_body_mass_janmahasatian",
-    "pet_series_to_suv",
     "suv_factors",
-    "write_suv",
 ]
 
 SuvKind = Literal["bw", "lbm", "bsa"]
@@ -137,120 +121,6 @@ _WARN_DECAY_MIN_S, _WARN_DECAY_MAX_S = 600.0, 5 * 3600.0
 # Real Philips factors are 3e-4 to 7e-3 (SUV) and 1 to 5 (Bq/ml per count); far outside that a factor is corrupt, and
 # one like 1e-300 would turn every float32 SUV into 0.
 _MIN_PRIVATE_FACTOR, _MAX_PRIVATE_FACTOR = 1e-9, 1e6
-
-
-# ---------------------------------------------------------------------------------------------------- errors
-class SuvError(CipaInputError):
-    """A PET series whose headers do not allow a trustworthy SUV. ``code`` is the error number (E1..E17)."""
-
-    code: ClassVar[str] = ""
-
-    def __init__(self, message: str, *, file: str | os.PathLike[str] | None = None) -> None:
-        self.file = None if file is None else str(file)
-        prefix = f"{self.file}: " if self.file else ""
-        super().__init__(f"{prefix}[{self.code}] {message}")
-
-
-class NotPetError(SuvError):
-    """E1: Modality is not PT, or the SOP class is not PET Image Storage."""
-
-    code = "E1"
-
-
-class PatientWeightError(SuvError):
-    """E2: PatientWeight (0010,1030) missing, empty, not finite or implausible."""
-
-    code = "E2"
-
-
-class RadiopharmaceuticalError(SuvError):
-    """E3: RadiopharmaceuticalInformationSequence (0054,0016) missing, empty or ambiguous (more than one item)."""
-
-    code = "E3"
-
-
-class InjectedDoseError(SuvError):
-    """E4: RadionuclideTotalDose (0018,1074) missing, not positive or implausible."""
-
-    code = "E4"
-
-
-class HalfLifeError(SuvError):
-    """E5: RadionuclideHalfLife (0018,1075) missing, not positive or not finite."""
-
-    code = "E5"
-
-
-class InjectionTimeError(SuvError):
-    """E6: no usable injection time in (0018,1078) or (0018,1072)."""
-
-    code = "E6"
-
-
-class UnsupportedUnitsError(SuvError):
-    """E7: Units (0054,1001) other than BQML, CNTS (Philips) or GML with SUVType BW."""
-
-    code = "E7"
-
-
-class PhilipsScaleFactorError(SuvError):
-    """E8: Units CNTS without a usable Philips (7053,1000) or (7053,1009) factor."""
-
-    code = "E8"
-
-
-class NotCorrectedError(SuvError):
-    """E9: CorrectedImage (0028,0051) lacks ATTN, or lacks DECY while DecayCorrection is not NONE."""
-
-    code = "E9"
-
-
-class DecayCorrectionError(SuvError):
-    """E10: DecayCorrection (0054,1102) NONE (refused by default), missing or unknown."""
-
-    code = "E10"
-
-
-class DecayTimeError(SuvError):
-    """E11: decay reference time before the injection (after the midnight rule), or absurdly long after it."""
-
-    code = "E11"
-
-
-class ReferenceTimeError(SuvError):
-    """E12: series/acquisition date or time unparsable, or no usable decay reference time."""
-
-    code = "E12"
-
-
-class RescaleInterceptError(SuvError):
-    """E13: RescaleIntercept (0028,1052) is not 0 (IBSI: PET intercepts must be 0)."""
-
-    code = "E13"
-
-
-class InconsistentSeriesError(SuvError):
-    """E14: a series-level attribute (Units, weight, dose, half-life, times...) differs between instances."""
-
-    code = "E14"
-
-
-class FrameOfReferenceError(SuvError):
-    """E15: PET and CT are not in the same frame of reference, so an identity resample would be wrong."""
-
-    code = "E15"
-
-
-class PatientSizeError(SuvError):
-    """E16 (SUL/SUVbsa only): PatientSize (0010,1020) missing or not a height in metres."""
-
-    code = "E16"
-
-
-class PatientSexError(SuvError):
-    """E17 (SUL only): PatientSex (0010,0040) is not M or F."""
-
-    code = "E17"
 
 
 # ---------------------------------------------------------------------------------------------------- provenance
@@ -339,69 +209,6 @@ def body_surface_area_dubois(weight_kg: float, height_m: float) -> float:
     return 0.007184 * weight_kg**0.425 * (height_m * 100.0) ** 0.725
 
 
-# ---------------------------------------------------------------------------------------------------- parsing
-_TM_RE = re.compile(r"^(\d{2})(\d{2})?(\d{2})?(?:\.(\d{1,6}))?$")
-_DA_RE = re.compile(r"^(\d{4})(\d{2})(\d{2})$")
-_DT_RE = re.compile(r"^(\d{8})(\d{2}(?:\d{2}(?:\d{2}(?:\.\d{1,6})?)?)?)?([+-]\d{4})?$")
-
-
-def _text(value: Any) -> str:
-    """A DICOM value as stripped text ('' for None); multi-values joined with a backslash."""
-    if value is None:
-        return ""
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        return "\\".join(str(v).strip() for v in value)
-    if isinstance(value, bytes):
-        return value.decode("latin-1", errors="replace").strip(" \x00")
-    return str(value).strip(" \x00")
-
-
-def _parse_tm(text: str) -> _dt.time | None:
-    """DICOM TM (``HH[MM[SS[.F]]]``, or the old ``HH:MM:SS``) to a time; ``None`` if unparsable."""
-    m = _TM_RE.match(text.replace(":", ""))
-    if not m:
-        return None
-    hh, mm, ss = int(m.group(1)), int(m.group(2) or 0), int(m.group(3) or 0)
-    micro = int((m.group(4) or "0").ljust(6, "0"))
-    if hh > 23 or mm > 59 or ss > 59:
-        return None
-    return _dt.time(hh, mm, ss, micro)
-
-
-def _parse_da(text: str) -> _dt.date | None:
-    """DICOM DA (``YYYYMMDD``, or the old ``YYYY.MM.DD``) to a date; ``None`` if unparsable."""
-    m = _DA_RE.match(text.replace(".", "") if len(text) == 10 else text)
-    if not m:
-        return None
-    try:
-        return _dt.date(int(m.group(1)), int(m.group(2)), int(m.group(3)))
-    except ValueError:
-        return None
-
-
-def _parse_dt(text: str) -> tuple[_dt.datetime | None, str | None]:
-    """DICOM DT with at least the hour to ``(naive datetime, UTC-offset text or None)``; ``(None, None)`` if bad."""
-    m = _DT_RE.match(text)
-    if not m or not m.group(2):
-        return None, None
-    date = _parse_da(m.group(1))
-    time = _parse_tm(m.group(2))
-    if date is None or time is None:
-        return None, None
-    return _dt.datetime.combine(date, time), m.group(3)
-
-
-def _number(value: Any) -> float | None:
-    """A DS/IS value (or private bytes) as float; ``None`` when missing, empty or unparsable."""
-    text = _text(value)
-    if not text or "\\" in text:
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        return None
-
-
 # ---------------------------------------------------------------------------------------------------- context
 class _Series:
     """The instances being converted, with their file names for error messages and a record of the tags used."""
@@ -420,43 +227,18 @@ class _Series:
 
     def use(self, tag: str, keyword: str, value: Any) -> None:
         """Record that ``tag keyword`` with ``value`` influenced the result."""
-        self.tags[f"{tag} {keyword}"] = _text(value)
+        self.tags[f"{tag} {keyword}"] = dicom_text(value)
 
     def warn(self, message: str) -> None:
         if message not in self.warnings:
             self.warnings.append(message)
 
 
-def _get(ds: Dataset, keyword: str) -> Any:
-    """``ds.keyword`` or ``None`` (also for elements pydicom cannot convert)."""
-    try:
-        return ds.get(keyword)
-    except Exception:  # a malformed value can fail to convert on access: fall back to its raw bytes
-        try:
-            raw = ds.get_item(keyword)
-        except Exception:
-            return None
-        return None if raw is None else getattr(raw, "value", None)
-
-
-def _private(ds: Dataset, group: int, creator: str, offset: int) -> Any:
-    """A private element's value found through its private creator (never a fixed element number)."""
-    try:
-        block = ds.private_block(group, creator)
-    except KeyError:
-        return None
-    try:
-        elem = block[offset]
-    except KeyError:
-        return None
-    return elem.value
-
-
 # ---------------------------------------------------------------------------------------------------- checks
 def _check_modality(s: _Series) -> None:
     for n, ds in enumerate(s.datasets):
-        modality = _text(_get(ds, "Modality"))
-        sop = _text(_get(ds, "SOPClassUID"))
+        modality = dicom_text(element_value(ds, "Modality"))
+        sop = dicom_text(element_value(ds, "SOPClassUID"))
         if modality != "PT":
             raise NotPetError(
                 f"not a PET series: Modality (0008,0060) = {modality!r}; expected 'PT'", file=s.file(n)
@@ -470,7 +252,7 @@ def _check_modality(s: _Series) -> None:
 
 
 def _rp_items(ds: Dataset) -> list[Dataset]:
-    seq = _get(ds, "RadiopharmaceuticalInformationSequence")
+    seq = element_value(ds, "RadiopharmaceuticalInformationSequence")
     try:
         return list(seq) if seq is not None else []
     except TypeError:
@@ -492,9 +274,9 @@ def _series_signature(ds: Dataset) -> dict[str, str]:
         ("(0008,0021)", "SeriesDate"),
         ("(0008,0031)", "SeriesTime"),
     ):
-        value = _get(ds, keyword)
-        number = _number(value) if keyword.startswith("Patient") and keyword != "PatientSex" else None
-        sig[f"{keyword} {tag}"] = repr(number) if number is not None else _text(value)
+        value = element_value(ds, keyword)
+        number = dicom_number(value) if keyword.startswith("Patient") and keyword != "PatientSex" else None
+        sig[f"{keyword} {tag}"] = repr(number) if number is not None else dicom_text(value)
     items = _rp_items(ds)
     sig["RadiopharmaceuticalInformationSequence (0054,0016) items"] = str(len(items))
     if items:
@@ -503,14 +285,14 @@ def _series_signature(ds: Dataset) -> dict[str, str]:
             ("(0018,1074)", "RadionuclideTotalDose"),
             ("(0018,1075)", "RadionuclideHalfLife"),
         ):
-            number = _number(_get(item, keyword))
-            sig[f"{keyword} {tag}"] = repr(number) if number is not None else _text(_get(item, keyword))
+            number = dicom_number(element_value(item, keyword))
+            sig[f"{keyword} {tag}"] = repr(number) if number is not None else dicom_text(element_value(item, keyword))
         for tag, keyword in (
             ("(0018,1072)", "RadiopharmaceuticalStartTime"),
             ("(0018,1078)", "RadiopharmaceuticalStartDateTime"),
         ):
-            sig[f"{keyword} {tag}"] = _text(_get(item, keyword))
-    sig[f"GE scan_datetime (0009,100D) [{GE_PET_CREATOR}]"] = _text(_private(ds, 0x0009, GE_PET_CREATOR, 0x0D))
+            sig[f"{keyword} {tag}"] = dicom_text(element_value(item, keyword))
+    sig[f"GE scan_datetime (0009,100D) [{GE_PET_CREATOR}]"] = dicom_text(private_value(ds, 0x0009, GE_PET_CREATOR, 0x0D))
     return sig
 
 
@@ -528,8 +310,8 @@ def _check_consistency(s: _Series) -> None:
 
 
 def _decay_correction(s: _Series, allow_none: bool) -> str:
-    raw = _get(s.datasets[0], "DecayCorrection")
-    dc = _text(raw).upper()
+    raw = element_value(s.datasets[0], "DecayCorrection")
+    dc = dicom_text(raw).upper()
     s.use("(0054,1102)", "DecayCorrection", raw)
     if dc in ("START", "ADMIN"):
         return dc
@@ -542,19 +324,19 @@ def _decay_correction(s: _Series, allow_none: bool) -> str:
             file=s.file(),
         )
     raise DecayCorrectionError(
-        f"DecayCorrection (0054,1102) = {_text(raw)!r} not supported; expected START, ADMIN (or NONE when enabled)",
+        f"DecayCorrection (0054,1102) = {dicom_text(raw)!r} not supported; expected START, ADMIN (or NONE when enabled)",
         file=s.file(),
     )
 
 
 def _check_corrected(s: _Series, dc: str) -> None:
-    raw = _get(s.datasets[0], "CorrectedImage")
-    values = {v.upper() for v in _text(raw).split("\\") if v}
+    raw = element_value(s.datasets[0], "CorrectedImage")
+    values = {v.upper() for v in dicom_text(raw).split("\\") if v}
     s.use("(0028,0051)", "CorrectedImage", raw)
     missing = [c for c in ("ATTN", "DECY") if c not in values and not (c == "DECY" and dc == "NONE")]
     if missing:
         raise NotCorrectedError(
-            f"image not attenuation/decay corrected: CorrectedImage (0028,0051) = {_text(raw)!r} lacks "
+            f"image not attenuation/decay corrected: CorrectedImage (0028,0051) = {dicom_text(raw)!r} lacks "
             f"{'/'.join(missing)}; expected ATTN and DECY (DECY may be absent only with DecayCorrection NONE)",
             file=s.file(),
         )
@@ -562,48 +344,48 @@ def _check_corrected(s: _Series, dc: str) -> None:
 
 def _check_intercepts(s: _Series) -> None:
     for n, ds in enumerate(s.datasets):
-        raw = _get(ds, "RescaleIntercept")
-        if raw is None or _text(raw) == "":
+        raw = element_value(ds, "RescaleIntercept")
+        if raw is None or dicom_text(raw) == "":
             continue
-        value = _number(raw)
+        value = dicom_number(raw)
         if value is None or value != 0.0:
             raise RescaleInterceptError(
-                f"non-zero RescaleIntercept (0028,1052) = {_text(raw)!r}; expected 0 for PET (IBSI)", file=s.file(n)
+                f"non-zero RescaleIntercept (0028,1052) = {dicom_text(raw)!r}; expected 0 for PET (IBSI)", file=s.file(n)
             )
-    slopes = {_text(_get(ds, "RescaleSlope")) for ds in s.datasets}
+    slopes = {dicom_text(element_value(ds, "RescaleSlope")) for ds in s.datasets}
     if len(slopes) > 1:
         s.warn(f"RescaleSlope (0028,1053) varies per slice ({len(slopes)} distinct values); applied per instance")
 
 
 # ---------------------------------------------------------------------------------------------------- patient
 def _weight_kg(s: _Series) -> float:
-    raw = _get(s.datasets[0], "PatientWeight")
+    raw = element_value(s.datasets[0], "PatientWeight")
     s.use("(0010,1030)", "PatientWeight", raw)
-    value = _number(raw)
+    value = dicom_number(raw)
     expected = f"a finite weight in kg between {_MIN_WEIGHT_KG:g} and {_MAX_WEIGHT_KG:g}"
     if value is None or not math.isfinite(value):
         raise PatientWeightError(
-            f"PatientWeight (0010,1030) missing or invalid: {_text(raw)!r}; expected {expected}", file=s.file()
+            f"PatientWeight (0010,1030) missing or invalid: {dicom_text(raw)!r}; expected {expected}", file=s.file()
         )
     if value > _MAX_WEIGHT_KG:
         s.warn(
-            f"PatientWeight (0010,1030) = {_text(raw)} taken as grams (> {_MAX_WEIGHT_KG:g}); used {value / 1000:g} kg"
+            f"PatientWeight (0010,1030) = {dicom_text(raw)} taken as grams (> {_MAX_WEIGHT_KG:g}); used {value / 1000:g} kg"
         )
         value /= 1000.0
     if not (_MIN_WEIGHT_KG <= value <= _MAX_WEIGHT_KG):
         raise PatientWeightError(
-            f"PatientWeight (0010,1030) missing or invalid: {_text(raw)!r}; expected {expected}", file=s.file()
+            f"PatientWeight (0010,1030) missing or invalid: {dicom_text(raw)!r}; expected {expected}", file=s.file()
         )
     return value
 
 
 def _height_m(s: _Series) -> float:
-    raw = _get(s.datasets[0], "PatientSize")
+    raw = element_value(s.datasets[0], "PatientSize")
     s.use("(0010,1020)", "PatientSize", raw)
-    value = _number(raw)
+    value = dicom_number(raw)
     if value is None or not math.isfinite(value) or not (_MIN_HEIGHT_M <= value <= _MAX_HEIGHT_M):
         raise PatientSizeError(
-            f"PatientSize (0010,1020) missing or invalid: {_text(raw)!r}; expected a height in metres between "
+            f"PatientSize (0010,1020) missing or invalid: {dicom_text(raw)!r}; expected a height in metres between "
             f"{_MIN_HEIGHT_M:g} and {_MAX_HEIGHT_M:g} (needed for SUL and SUVbsa)",
             file=s.file(),
         )
@@ -611,12 +393,12 @@ def _height_m(s: _Series) -> float:
 
 
 def _sex(s: _Series) -> str:
-    raw = _get(s.datasets[0], "PatientSex")
+    raw = element_value(s.datasets[0], "PatientSex")
     s.use("(0010,0040)", "PatientSex", raw)
-    sex = _text(raw).upper()
+    sex = dicom_text(raw).upper()
     if sex not in ("M", "F"):
         raise PatientSexError(
-            f"PatientSex (0010,0040) = {_text(raw)!r}; expected 'M' or 'F' (needed for the Janmahasatian SUL)",
+            f"PatientSex (0010,0040) = {dicom_text(raw)!r}; expected 'M' or 'F' (needed for the Janmahasatian SUL)",
             file=s.file(),
         )
     return sex
@@ -647,9 +429,9 @@ def _radiopharmaceutical(s: _Series) -> Dataset:
 
 
 def _dose_bq(s: _Series, item: Dataset, mbq_heuristic: bool) -> float:
-    raw = _get(item, "RadionuclideTotalDose")
+    raw = element_value(item, "RadionuclideTotalDose")
     s.use("(0018,1074)", "RadionuclideTotalDose", raw)
-    value = _number(raw)
+    value = dicom_number(raw)
     expected = (
         f"a finite activity in Bq between {_MIN_DOSE_BQ:g} and {_MAX_DOSE_BQ:g}"
         + (f" (values between 1 and {_MBQ_BELOW:g} are read as MBq)" if mbq_heuristic else "")
@@ -657,13 +439,13 @@ def _dose_bq(s: _Series, item: Dataset, mbq_heuristic: bool) -> float:
 
     def bad() -> InjectedDoseError:
         return InjectedDoseError(
-            f"RadionuclideTotalDose (0018,1074) missing or invalid: {_text(raw)!r}; expected {expected}", file=s.file()
+            f"RadionuclideTotalDose (0018,1074) missing or invalid: {dicom_text(raw)!r}; expected {expected}", file=s.file()
         )
 
     if value is None or not math.isfinite(value) or value <= 0:
         raise bad()
     if mbq_heuristic and 1.0 <= value < _MBQ_BELOW:
-        s.warn(f"RadionuclideTotalDose (0018,1074) = {_text(raw)} read as MBq; used {value * 1e6:g} Bq")
+        s.warn(f"RadionuclideTotalDose (0018,1074) = {dicom_text(raw)} read as MBq; used {value * 1e6:g} Bq")
         value *= 1e6
     if not (_MIN_DOSE_BQ <= value <= _MAX_DOSE_BQ):
         raise bad()
@@ -671,12 +453,12 @@ def _dose_bq(s: _Series, item: Dataset, mbq_heuristic: bool) -> float:
 
 
 def _half_life_s(s: _Series, item: Dataset) -> float:
-    raw = _get(item, "RadionuclideHalfLife")
+    raw = element_value(item, "RadionuclideHalfLife")
     s.use("(0018,1075)", "RadionuclideHalfLife", raw)
-    value = _number(raw)
+    value = dicom_number(raw)
     if value is None or not math.isfinite(value) or value <= 0:
         raise HalfLifeError(
-            f"RadionuclideHalfLife (0018,1075) missing or zero: {_text(raw)!r}; expected a positive half-life in s",
+            f"RadionuclideHalfLife (0018,1075) missing or zero: {dicom_text(raw)!r}; expected a positive half-life in s",
             file=s.file(),
         )
     return value
@@ -685,14 +467,14 @@ def _half_life_s(s: _Series, item: Dataset) -> float:
 # ---------------------------------------------------------------------------------------------------- times
 def _series_datetime(s: _Series) -> _dt.datetime | None:
     ds = s.datasets[0]
-    date_raw, time_raw = _get(ds, "SeriesDate"), _get(ds, "SeriesTime")
-    if not _text(date_raw) or not _text(time_raw):
+    date_raw, time_raw = element_value(ds, "SeriesDate"), element_value(ds, "SeriesTime")
+    if not dicom_text(date_raw) or not dicom_text(time_raw):
         return None
-    date, time = _parse_da(_text(date_raw)), _parse_tm(_text(time_raw))
+    date, time = parse_da(dicom_text(date_raw)), parse_tm(dicom_text(time_raw))
     if date is None or time is None:
         raise ReferenceTimeError(
-            f"cannot determine decay reference time: SeriesDate (0008,0021) = {_text(date_raw)!r} / SeriesTime "
-            f"(0008,0031) = {_text(time_raw)!r} unparsable; expected YYYYMMDD and HHMMSS[.ffffff]",
+            f"cannot determine decay reference time: SeriesDate (0008,0021) = {dicom_text(date_raw)!r} / SeriesTime "
+            f"(0008,0031) = {dicom_text(time_raw)!r} unparsable; expected YYYYMMDD and HHMMSS[.ffffff]",
             file=s.file(),
         )
     return _dt.datetime.combine(date, time)
@@ -701,27 +483,27 @@ def _series_datetime(s: _Series) -> _dt.datetime | None:
 def _acquisition_datetime(s: _Series, n: int) -> _dt.datetime | None:
     """Instance ``n``'s AcquisitionDate+AcquisitionTime (or AcquisitionDateTime); ``None`` when absent."""
     ds = s.datasets[n]
-    date_raw, time_raw = _get(ds, "AcquisitionDate"), _get(ds, "AcquisitionTime")
-    if _text(time_raw):
-        time = _parse_tm(_text(time_raw))
-        date_text = _text(date_raw) or _text(_get(ds, "SeriesDate"))
-        date = _parse_da(date_text) if date_text else None
+    date_raw, time_raw = element_value(ds, "AcquisitionDate"), element_value(ds, "AcquisitionTime")
+    if dicom_text(time_raw):
+        time = parse_tm(dicom_text(time_raw))
+        date_text = dicom_text(date_raw) or dicom_text(element_value(ds, "SeriesDate"))
+        date = parse_da(date_text) if date_text else None
         if time is None or (date_text and date is None):
             raise ReferenceTimeError(
-                f"cannot determine decay reference time: AcquisitionDate (0008,0022) = {_text(date_raw)!r} / "
-                f"AcquisitionTime (0008,0032) = {_text(time_raw)!r} unparsable; expected YYYYMMDD and HHMMSS[.ffffff]",
+                f"cannot determine decay reference time: AcquisitionDate (0008,0022) = {dicom_text(date_raw)!r} / "
+                f"AcquisitionTime (0008,0032) = {dicom_text(time_raw)!r} unparsable; expected YYYYMMDD and HHMMSS[.ffffff]",
                 file=s.file(n),
             )
         if date is not None:
-            if not _text(date_raw):
+            if not dicom_text(date_raw):
                 s.warn("AcquisitionDate (0008,0022) missing; AcquisitionTime placed on SeriesDate")
             return _dt.datetime.combine(date, time)  # type: ignore[arg-type]
-    dt_raw = _get(ds, "AcquisitionDateTime")
-    if _text(dt_raw):
-        value, offset = _parse_dt(_text(dt_raw))
+    dt_raw = element_value(ds, "AcquisitionDateTime")
+    if dicom_text(dt_raw):
+        value, offset = parse_dt(dicom_text(dt_raw))
         if value is None:
             raise ReferenceTimeError(
-                f"cannot determine decay reference time: AcquisitionDateTime (0008,002A) = {_text(dt_raw)!r} "
+                f"cannot determine decay reference time: AcquisitionDateTime (0008,002A) = {dicom_text(dt_raw)!r} "
                 "unparsable; expected YYYYMMDDHHMMSS[.ffffff]",
                 file=s.file(n),
             )
@@ -745,8 +527,8 @@ def _reference_time(s: _Series, half_life_s: float) -> tuple[_dt.datetime, str]:
     earliest, earliest_n = min(known) if known else (None, -1)
     ds0 = s.datasets[0]
     if series_dt is not None and (earliest is None or series_dt <= earliest):
-        s.use("(0008,0021)", "SeriesDate", _get(ds0, "SeriesDate"))
-        s.use("(0008,0031)", "SeriesTime", _get(ds0, "SeriesTime"))
+        s.use("(0008,0021)", "SeriesDate", element_value(ds0, "SeriesDate"))
+        s.use("(0008,0031)", "SeriesTime", element_value(ds0, "SeriesTime"))
         if earliest is None:
             s.warn("no AcquisitionDate/Time to check SeriesDate/Time against; SeriesDate/Time used as is")
             return series_dt, "SeriesDate/SeriesTime (no acquisition time to check against)"
@@ -758,18 +540,18 @@ def _reference_time(s: _Series, half_life_s: float) -> tuple[_dt.datetime, str]:
             f"SeriesDate/Time {series_dt.isoformat()} is after the earliest acquisition {earliest.isoformat()} "
             "(post-processed or re-reconstructed series?); SeriesTime not used"
         )
-    ge_raw = _private(ds0, 0x0009, GE_PET_CREATOR, 0x0D)
-    if _text(ge_raw):
-        ge_dt, _ = _parse_dt(_text(ge_raw))
+    ge_raw = private_value(ds0, 0x0009, GE_PET_CREATOR, 0x0D)
+    if dicom_text(ge_raw):
+        ge_dt, _ = parse_dt(dicom_text(ge_raw))
         if ge_dt is not None:
             s.use(f"(0009,100D) [{GE_PET_CREATOR}]", "scan_datetime", ge_raw)
             return ge_dt, f"GE private scan_datetime (0009,100D) [{GE_PET_CREATOR}]"
-        s.warn(f"GE private scan_datetime (0009,100D) = {_text(ge_raw)!r} unparsable; ignored")
+        s.warn(f"GE private scan_datetime (0009,100D) = {dicom_text(ge_raw)!r} unparsable; ignored")
 
     if earliest is not None:
         ds = s.datasets[earliest_n]
-        frt_raw, dur_raw = _get(ds, "FrameReferenceTime"), _get(ds, "ActualFrameDuration")
-        frt_ms, dur_ms = _number(frt_raw), _number(dur_raw)
+        frt_raw, dur_raw = element_value(ds, "FrameReferenceTime"), element_value(ds, "ActualFrameDuration")
+        frt_ms, dur_ms = dicom_number(frt_raw), dicom_number(dur_raw)
         s.use("(0008,0022)/(0008,0032)", "earliest AcquisitionDate/Time", earliest.isoformat())
         if (
             frt_ms is not None and dur_ms is not None and math.isfinite(frt_ms) and math.isfinite(dur_ms)
@@ -781,7 +563,7 @@ def _reference_time(s: _Series, half_life_s: float) -> tuple[_dt.datetime, str]:
             offset = t_ave - frt_ms / 1000.0
             if abs(offset) > 7 * 86400:
                 raise ReferenceTimeError(
-                    f"cannot determine decay reference time: FrameReferenceTime (0054,1300) = {_text(frt_raw)!r} ms "
+                    f"cannot determine decay reference time: FrameReferenceTime (0054,1300) = {dicom_text(frt_raw)!r} ms "
                     f"puts it {offset:.0f} s from the acquisition; expected an offset within the scan",
                     file=s.file(earliest_n),
                 )
@@ -797,32 +579,32 @@ def _reference_time(s: _Series, half_life_s: float) -> tuple[_dt.datetime, str]:
 
 def _injection_time(s: _Series, item: Dataset, anchor: _dt.datetime) -> tuple[_dt.datetime, str]:
     """Injection datetime and its source; a dateless start time goes on ``anchor``'s date (midnight rule)."""
-    dt_raw = _get(item, "RadiopharmaceuticalStartDateTime")
-    tm_raw = _get(item, "RadiopharmaceuticalStartTime")
-    if _text(dt_raw):
-        value, offset = _parse_dt(_text(dt_raw))
+    dt_raw = element_value(item, "RadiopharmaceuticalStartDateTime")
+    tm_raw = element_value(item, "RadiopharmaceuticalStartTime")
+    if dicom_text(dt_raw):
+        value, offset = parse_dt(dicom_text(dt_raw))
         if value is not None:
             s.use("(0018,1078)", "RadiopharmaceuticalStartDateTime", dt_raw)
             if offset:
                 s.warn(f"UTC offset {offset} of RadiopharmaceuticalStartDateTime ignored (other times carry none)")
             return value, "RadiopharmaceuticalStartDateTime (0018,1078)"
-        if not _text(tm_raw):
+        if not dicom_text(tm_raw):
             raise InjectionTimeError(
-                f"injection time unparsable: RadiopharmaceuticalStartDateTime (0018,1078) = {_text(dt_raw)!r}; "
+                f"injection time unparsable: RadiopharmaceuticalStartDateTime (0018,1078) = {dicom_text(dt_raw)!r}; "
                 "expected YYYYMMDDHHMMSS[.ffffff]",
                 file=s.file(),
             )
-        s.warn(f"RadiopharmaceuticalStartDateTime (0018,1078) = {_text(dt_raw)!r} unparsable; used the start time")
-    if not _text(tm_raw):
+        s.warn(f"RadiopharmaceuticalStartDateTime (0018,1078) = {dicom_text(dt_raw)!r} unparsable; used the start time")
+    if not dicom_text(tm_raw):
         raise InjectionTimeError(
             "injection time missing: neither RadiopharmaceuticalStartDateTime (0018,1078) nor "
             "RadiopharmaceuticalStartTime (0018,1072) in (0054,0016); expected one of them",
             file=s.file(),
         )
-    time = _parse_tm(_text(tm_raw))
+    time = parse_tm(dicom_text(tm_raw))
     if time is None:
         raise InjectionTimeError(
-            f"injection time unparsable: RadiopharmaceuticalStartTime (0018,1072) = {_text(tm_raw)!r}; "
+            f"injection time unparsable: RadiopharmaceuticalStartTime (0018,1072) = {dicom_text(tm_raw)!r}; "
             "expected HHMMSS[.ffffff]",
             file=s.file(),
         )
@@ -859,10 +641,10 @@ CONVENTIONAL_ELEMENT_NOTE = "private creator absent; conventional element used"
 
 def _philips_factor(ds: Dataset, offset: int) -> tuple[Any, bool]:
     """The raw Philips factor (7053,10xx) of one instance and whether it came from its conventional element."""
-    raw = _private(ds, 0x7053, PHILIPS_CREATOR, offset)
+    raw = private_value(ds, 0x7053, PHILIPS_CREATOR, offset)
     if raw is not None:
         return raw, False
-    manufacturer = _text(_get(ds, "Manufacturer")).lower()
+    manufacturer = dicom_text(element_value(ds, "Manufacturer")).lower()
     if "philips" in manufacturer and not ds.private_creators(0x7053):
         element = ds.get(0x70531000 + offset)
         return (None if element is None else element.value), True
@@ -874,12 +656,12 @@ def _private_factors(s: _Series, offset: int, name: str) -> list[float] | None:
     values: list[float] = []
     found = [_philips_factor(ds, offset) for ds in s.datasets]
     for n, (raw, _) in enumerate(found):
-        value = _number(raw)
+        value = dicom_number(raw)
         if value is None or value == 0.0:
             return None
         if not math.isfinite(value) or not (_MIN_PRIVATE_FACTOR <= value < _MAX_PRIVATE_FACTOR):
             raise PhilipsScaleFactorError(
-                f"Philips {name} (7053,10{offset:02X}) [{PHILIPS_CREATOR}] = {_text(raw)!r}; expected a factor "
+                f"Philips {name} (7053,10{offset:02X}) [{PHILIPS_CREATOR}] = {dicom_text(raw)!r}; expected a factor "
                 f"from {_MIN_PRIVATE_FACTOR:g} to below {_MAX_PRIVATE_FACTOR:g}",
                 file=s.file(n),
             )
@@ -934,8 +716,8 @@ def suv_factors(
 
     quantity, unit = _QUANTITY[kind]
     ds0 = s.datasets[0]
-    units_raw = _get(ds0, "Units")
-    units = _text(units_raw).upper()
+    units_raw = element_value(ds0, "Units")
+    units = dicom_text(units_raw).upper()
     s.use("(0054,1001)", "Units", units_raw)
     prov = SuvProvenance(
         kind=kind,
@@ -943,11 +725,11 @@ def suv_factors(
         unit=unit,
         factors=[],
         factor=None,
-        units_tag=_text(units_raw),
+        units_tag=dicom_text(units_raw),
         conversion="",
         decay_correction=dc,
         n_instances=len(s.datasets),
-        series_uid=_text(_get(ds0, "SeriesInstanceUID")),
+        series_uid=dicom_text(element_value(ds0, "SeriesInstanceUID")),
     )
 
     scale = np.ones(len(s.datasets))  # multiplies the voxel values into Bq/ml (Philips ACSF) or is 1
@@ -966,8 +748,8 @@ def suv_factors(
         scale = np.asarray(acsf)
         prov.conversion = "CNTS: Philips activity concentration scale factor (7053,1009) to Bq/ml, then BQML"
     elif units == "GML":
-        suv_type_raw = _get(ds0, "SUVType")
-        suv_type = _text(suv_type_raw).upper()
+        suv_type_raw = element_value(ds0, "SUVType")
+        suv_type = dicom_text(suv_type_raw).upper()
         s.use("(0054,1006)", "SUVType", suv_type_raw)
         if suv_type not in ("", "BW"):
             raise UnsupportedUnitsError(
@@ -978,7 +760,7 @@ def suv_factors(
         return _finish(s, prov, np.ones(len(s.datasets)), "GML: values are already SUVbw", kind)
     elif units != "BQML":
         raise UnsupportedUnitsError(
-            f"Units (0054,1001)={_text(units_raw)!r} not supported; expected BQML, CNTS (with Philips scale factors) "
+            f"Units (0054,1001)={dicom_text(units_raw)!r} not supported; expected BQML, CNTS (with Philips scale factors) "
             "or GML (SUVType BW)",
             file=s.file(),
         )
@@ -1028,11 +810,11 @@ def _decay_none_factors(
     prov.reference_time_path = "per-frame AcquisitionDate/Time (DecayCorrection NONE, IBSI)"
     factors = np.empty(len(s.datasets))
     for n, (ds, t_acq) in enumerate(zip(s.datasets, acquisitions)):
-        dur_raw = _get(ds, "ActualFrameDuration")
-        dur_ms = _number(dur_raw)
+        dur_raw = element_value(ds, "ActualFrameDuration")
+        dur_ms = dicom_number(dur_raw)
         if dur_ms is None or not math.isfinite(dur_ms) or dur_ms <= 0:
             raise ReferenceTimeError(
-                f"cannot determine decay reference time: ActualFrameDuration (0018,1242) = {_text(dur_raw)!r}; "
+                f"cannot determine decay reference time: ActualFrameDuration (0018,1242) = {dicom_text(dur_raw)!r}; "
                 "expected a positive duration in ms (needed for DecayCorrection NONE)",
                 file=s.file(n),
             )
@@ -1041,7 +823,7 @@ def _decay_none_factors(
         factors[n] = base * (x / -math.expm1(-x)) * math.exp(lam * delta)
         if n == 0:
             prov.reference_time, prov.decay_time_s = t_acq.isoformat(), delta  # type: ignore[union-attr]
-    s.use("(0018,1242)", "ActualFrameDuration", _get(s.datasets[0], "ActualFrameDuration"))
+    s.use("(0018,1242)", "ActualFrameDuration", element_value(s.datasets[0], "ActualFrameDuration"))
     return factors
 
 
@@ -1073,118 +855,3 @@ def _finish(
     return factors, prov
 
 
-# ---------------------------------------------------------------------------------------------------- frames
-def check_same_frame_of_reference(pet: Any, ct: Any) -> str:
-    """Refuse an identity PET-to-CT resample unless both share one FrameOfReferenceUID (E15).
-
-    Args:
-        pet, ct: a ``DicomSeries``, a pydicom ``Dataset``, a list of datasets, or the UID string itself.
-
-    Returns:
-        The shared FrameOfReferenceUID.
-
-    Raises:
-        FrameOfReferenceError: the UIDs differ or one is missing.
-    """
-
-    def uid_of(obj: Any) -> tuple[str, str | None]:
-        if isinstance(obj, str):
-            return obj, None
-        if hasattr(obj, "frame_of_reference_uid"):
-            files = getattr(obj, "files", None)
-            return str(obj.frame_of_reference_uid), str(files[0]) if files else None
-        ds = obj[0] if isinstance(obj, (list, tuple)) else obj
-        return _text(_get(ds, "FrameOfReferenceUID")), getattr(ds, "filename", None)
-
-    pet_uid, pet_file = uid_of(pet)
-    ct_uid, ct_file = uid_of(ct)
-    if not pet_uid or not ct_uid or pet_uid != ct_uid:
-        raise FrameOfReferenceError(
-            f"PET and CT not in same frame of reference: FrameOfReferenceUID (0020,0052) = {pet_uid!r} (PET) vs "
-            f"{ct_uid!r} (CT{', ' + str(ct_file) if ct_file else ''}); expected one shared UID for an identity "
-            "resample (use rigid registration for separate scans)",
-            file=pet_file,
-        )
-    return pet_uid
-
-
-# ---------------------------------------------------------------------------------------------------- files
-def pet_series_to_suv(
-    source: Any,
-    kind: SuvKind = "bw",
-    *,
-    mbq_heuristic: bool = True,
-    allow_decay_none: bool = False,
-) -> tuple[Any, SuvProvenance]:
-    """Read a PET DICOM series and convert it to SUV.
-
-    Args:
-        source: a folder (its one image series, or its one PT series if there are several) or a ``DicomSeries``.
-        kind: ``"bw"``, ``"lbm"`` or ``"bsa"`` (see :func:`suv_factors`).
-        mbq_heuristic: see :func:`suv_factors`.
-        allow_decay_none: see :func:`suv_factors`.
-
-    Returns:
-        ``(volume, provenance)``: a float32 ``(I, J, K)`` :class:`~cipa_bundle.io.volume.Volume` of SUV on the
-        native PET grid (RAS affine), and the :class:`SuvProvenance`.
-
-    Raises:
-        SuvError, DicomSeriesError: both ``CipaInputError``.
-    """
-    from cipa_bundle.io.dicom import DicomSeries, find_series, read_series
-    from cipa_bundle.io.volume import Volume
-
-    if isinstance(source, DicomSeries):
-        series = source
-    else:
-        groups = find_series(source)
-        # A lone series is read whatever its modality, so that a CT folder fails with E1 rather than "no series".
-        if len(groups) == 1:
-            series = read_series(next(iter(groups.values())))
-        else:
-            series = read_series(source, modality="PT")
-    factors, prov = suv_factors(
-        series.datasets,
-        kind,
-        files=series.sources or series.files,
-        mbq_heuristic=mbq_heuristic,
-        allow_decay_none=allow_decay_none,
-    )
-    array = (series.volume.array.astype(np.float64) * factors[None, None, :]).astype(np.float32)
-    meta = dict(series.volume.meta)
-    meta.update(units=prov.unit, quantity=prov.quantity)
-    return Volume(array, series.volume.affine.copy(), meta), prov
-
-
-def write_suv(
-    pet_dir: str | os.PathLike[str],
-    out_path: str | os.PathLike[str],
-    kind: SuvKind = "bw",
-    *,
-    mbq_heuristic: bool = True,
-    allow_decay_none: bool = False,
-) -> tuple[Path, Path]:
-    """Convert a PET DICOM folder to an SUV NIfTI plus its JSON provenance sidecar, both atomically.
-
-    The sidecar sits beside the NIfTI, BIDS style (``suv.nii.gz`` -> ``suv.json``). Nothing at all is written
-    when the conversion fails.
-
-    Args:
-        pet_dir: folder holding the PET series.
-        out_path: output ``.nii`` or ``.nii.gz``.
-        kind: ``"bw"``, ``"lbm"`` or ``"bsa"``.
-        mbq_heuristic: see :func:`suv_factors`.
-        allow_decay_none: see :func:`suv_factors`.
-
-    Returns:
-        ``(nifti_path, json_path)``.
-    """
-    from cipa_bundle import __version__
-    from cipa_bundle.io.nifti import is_nifti_path, save_nifti_with_sidecar
-
-    out = Path(out_path)
-    if not is_nifti_path(out):
-        raise CipaInputError(f"output {out}: expected a path ending in .nii or .nii.gz")
-    volume, prov = pet_series_to_suv(pet_dir, kind, mbq_heuristic=mbq_heuristic, allow_decay_none=allow_decay_none)
-    record = {"cipa_bundle_version": __version__, "source": str(pet_dir), **prov.to_dict()}
-    return save_nifti_with_sidecar(volume, out, record)

@@ -27,6 +27,9 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, ScaleIntensityRange, ScaleIntensityRanged, Transform
 from monai.utils import MetaKeys, convert_to_tensor
 
+from cipa_bundle.preprocessing.suv import SUV_KINDS
+from cipa_bundle.preprocessing.suv_series import pet_series_to_suv
+
 __all__ = [
     "CIPA_INPUT_SCALE",
     "CIPA_INPUT_SHIFT",
@@ -185,7 +188,7 @@ class LoadDicomPETSUV(Transform):
     """Load a DICOM PET series folder as an SUV ``MetaTensor`` on its native grid.
 
     The SUV conversion (vendor paths, decay reference time, per-slice slopes, errors E1-E17) is
-    :func:`cipa_bundle.preprocessing.suv.pet_series_to_suv`; this transform only wraps its result the way MONAI's
+    :func:`cipa_bundle.preprocessing.suv_series.pet_series_to_suv`; this transform only wraps its result the way MONAI's
     ``LoadImage`` would: a ``(I, J, K)`` float32 MetaTensor (or ``(1, I, J, K)`` with ``ensure_channel_first``)
     with the RAS affine, ``space="RAS"``, ``filename_or_obj`` = the folder, and the SUV provenance record under
     ``meta["suv_provenance"]``.
@@ -199,8 +202,6 @@ class LoadDicomPETSUV(Transform):
     """
 
     def __init__(self, kind: str = "bw", ensure_channel_first: bool = False) -> None:
-        from cipa_bundle.preprocessing.suv import SUV_KINDS
-
         if kind not in SUV_KINDS:
             raise ValueError(f"LoadDicomPETSUV: kind must be 'bw', 'lbm' or 'bsa', got {kind!r}")
         self.kind = kind
@@ -208,8 +209,6 @@ class LoadDicomPETSUV(Transform):
 
     def __call__(self, folder: str | os.PathLike[str]) -> MetaTensor:
         """Read ``folder`` and return the SUV MetaTensor."""
-        from cipa_bundle.preprocessing.suv import pet_series_to_suv
-
         volume, provenance = pet_series_to_suv(folder, self.kind)  # type: ignore[arg-type]
         affine = torch.as_tensor(volume.affine, dtype=torch.float64)
         meta = {
