@@ -1,22 +1,15 @@
-"""Clinical read-outs of a predicted tumour mask: per-lesion PET statistics, two PNG figures and ``report.json``.
+"""Preview figures of a predicted tumour mask: two PNGs a reader checks the result by (Pillow only, no matplotlib).
 
-Three parts, each a pure function with a thin file writer around it:
+* the axial slice of maximum tumour extent: CT in a lung window, PET blended in a "hot" colour map, the mask
+  contour in green -> :func:`render_axial_overlay`;
+* a coronal maximum-intensity projection of the PET (inverted grey, as nuclear-medicine readers view it) with
+  the outline of the projected mask in red -> :func:`render_coronal_mip`;
 
-1. **Lesions.** 3-D connected components (26-connectivity) of the binary mask, ordered largest first, with their
-   voxel count, volume in ml (from the affine), SUVmax, SUVmean, total lesion glycolysis (SUVmean x ml), centroid in
-   RAS mm and bounding box -> :func:`label_lesions`, :func:`lesion_statistics`.
-2. **Figures** (Pillow only, no matplotlib):
+each written atomically as PNG by :func:`write_png` / :func:`write_overlays`.
 
-   * the axial slice of maximum tumour extent: CT in a lung window, PET blended in a "hot" colour map, the mask
-     contour in green -> :func:`render_axial_overlay`;
-   * a coronal maximum-intensity projection of the PET (inverted grey, as nuclear-medicine readers view it) with
-     the outline of the projected mask in red -> :func:`render_coronal_mip`.
-
-   Orientation is derived from the affine, never assumed: images are shown in the radiological convention, patient
-   right on the image left, anterior up on the axial view and head up on the coronal view. Pixels are resampled
-   to square physical size so anisotropic voxels do not distort anatomy.
-3. **Report.** Versions, device, timings, SUV provenance, tumour count, total volume and the lesion list ->
-   :func:`build_report` (a dict) and :func:`write_report` (``report.json``, written atomically).
+Orientation is derived from the affine, never assumed: images are shown in the radiological convention, patient
+right on the image left, anterior up on the axial view and head up on the coronal view. Pixels are resampled
+to square physical size so anisotropic voxels do not distort anatomy.
 
 All volumes are :class:`~cipa_bundle.io.volume.Volume` objects on one grid (the CT grid of inference) with arrays
 indexed ``[i, j, k]`` and a voxel-to-RAS affine.
@@ -24,45 +17,33 @@ indexed ``[i, j, k]`` and a voxel-to-RAS affine.
 
 from __future__ import annotations
 
-import dataclasses
-import datetime as _dt
-import math
 import os
-import platform
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+from PIL import Image
 
-from cipa_bundle.components import label_components, label_components_in_box
 from cipa_bundle.errors import CipaInputError
 from cipa_bundle.io.atomic import atomic_outputs
-from cipa_bundle.io.nifti import grid_mismatch, save_json
 from cipa_bundle.io.volume import Volume, axial_axis, axial_orientation
+from cipa_bundle.report.statistics import _check_same_grid
 
 __all__ = [
-    "Lesion",
-    "label_lesions",
-    "lesion_statistics",
-    "voxel_volume_ml",
-    "software_versions",
     "max_extent_axial_slice",
     "render_axial_overlay",
     "render_coronal_mip",
     "write_png",
     "write_overlays",
-    "build_report",
-    "write_report",
     "AXIAL_PNG",
     "CORONAL_MIP_PNG",
-    "REPORT_JSON",
     "MIN_DISPLAY_PIXELS",
 ]
 
 AXIAL_PNG = "overlay_axial.png"
 CORONAL_MIP_PNG = "mip_coronal.png"
-REPORT_JSON = "report.json"
 
 #: Smallest long side, in pixels, of a figure rendered at the default pixel size.
 MIN_DISPLAY_PIXELS = 512
@@ -75,140 +56,6 @@ _REFERENCE_COLOUR = (0, 200, 255)  # cyan: a ground truth beside the green predi
 _MIP_CONTOUR_COLOUR = (255, 0, 0)
 
 
-# ----------------------------------------------------------------------------------------------- lesions
-def label_lesions(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """3-D connected components of a binary mask with 26-connectivity (faces, edges and corners touch).
-
-    Args:
-        mask: ``(I, J, K)`` binary mask (any dtype; non-zero is foreground).
-
-    Returns:
-        ``(labels, n)``: an ``(I, J, K)`` ``int32`` array with 0 for background and ``1..n`` for the components,
-        numbered by decreasing voxel count (ties: the component whose first voxel comes first in C order wins),
-        and the number of components ``n``.
-    """
-    return label_components(mask, connectivity=26)
-
-
-@dataclasses.dataclass(frozen=True)
-class Lesion:
-    """One connected tumour component.
-
-    Attributes:
-        index: 1-based rank by volume (1 = largest); equals its value in :func:`label_lesions`' label map.
-        voxel_count: number of voxels.
-        volume_ml: ``voxel_count`` x voxel volume, in ml (cm^3).
-        suv_max: the largest SUV in the lesion (``None`` without an SUV volume).
-        suv_mean: the mean SUV over the lesion's voxels (``None`` without an SUV volume).
-        tlg: total lesion glycolysis, ``suv_mean * volume_ml`` (SUV x ml; ``None`` without an SUV volume).
-        centroid_ras_mm: centre of mass of the voxel centres (unweighted) in RAS+ mm.
-        bbox_ijk: inclusive voxel bounding box ``((i0, j0, k0), (i1, j1, k1))``.
-    """
-
-    index: int
-    voxel_count: int
-    volume_ml: float
-    suv_max: float | None
-    suv_mean: float | None
-    tlg: float | None
-    centroid_ras_mm: tuple[float, float, float]
-    bbox_ijk: tuple[tuple[int, int, int], tuple[int, int, int]]
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (plain Python numbers and lists)."""
-        out = dataclasses.asdict(self)
-        out["centroid_ras_mm"] = list(self.centroid_ras_mm)
-        out["bbox_ijk"] = [list(self.bbox_ijk[0]), list(self.bbox_ijk[1])]
-        return out
-
-
-def _check_same_grid(reference: Volume, reference_name: str, other: Volume, name: str) -> None:
-    """Refuse a volume that is not on ``reference``'s voxel grid (:func:`~cipa_bundle.io.nifti.grid_mismatch`)."""
-    problem = grid_mismatch(other.shape, other.affine, reference.shape, reference.affine)
-    if problem is not None:
-        raise CipaInputError(
-            f"{name} is not on the {reference_name}'s grid ({name} vs {reference_name}: {problem}); resample it first"
-        )
-
-
-def voxel_volume_ml(affine: np.ndarray) -> float:
-    """Volume of one voxel in ml: ``|det(affine[:3, :3])|`` mm^3 / 1000."""
-    return abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
-
-
-def lesion_statistics(mask: Volume, suv: Volume | None = None) -> list[Lesion]:
-    """Per-lesion size and PET uptake of a binary tumour mask.
-
-    Args:
-        mask: binary ``(I, J, K)`` mask with its affine (the volume of a voxel comes from the affine).
-        suv: SUV ``(I, J, K)`` on the same grid (same shape and affine), or ``None`` to skip uptake statistics.
-            Non-finite SUV voxels (e.g. outside the PET field of view after resampling) are left out of SUVmax and
-            SUVmean; a lesion with none gets ``None``.
-
-    Returns:
-        One :class:`Lesion` per connected component (26-connectivity), largest first.
-
-    Raises:
-        CipaInputError: a mask that is not 3-D or an SUV volume on another grid.
-    """
-    if suv is not None:
-        _check_same_grid(mask, "mask", suv, "suv")
-    labels, box, n = label_components_in_box(mask.array, connectivity=26)
-    origin = (box[0].start, box[1].start, box[2].start)
-    if n == 0:
-        return []
-    ii, jj, kk = np.nonzero(labels)
-    lab = labels[ii, jj, kk]
-    ii, jj, kk = ii + origin[0], jj + origin[1], kk + origin[2]
-    counts = np.bincount(lab, minlength=n + 1)[1:]
-    centroid_ijk = np.stack(
-        [np.bincount(lab, weights=axis.astype(np.float64), minlength=n + 1)[1:] / counts for axis in (ii, jj, kk)],
-        axis=1,
-    )
-    centroid_ras = centroid_ijk @ mask.affine[:3, :3].T + mask.affine[:3, 3]
-
-    # Group voxels by lesion once; reduceat then gives per-lesion min/max in one pass.
-    order = np.argsort(lab, kind="stable")
-    starts = np.searchsorted(lab[order], np.arange(1, n + 1))
-    ijk_sorted = np.stack([ii, jj, kk], axis=1)[order]
-    bbox_lo = np.minimum.reduceat(ijk_sorted, starts, axis=0)
-    bbox_hi = np.maximum.reduceat(ijk_sorted, starts, axis=0)
-
-    suv_max: list[float | None] = [None] * n
-    suv_mean: list[float | None] = [None] * n
-    if suv is not None:
-        values = np.asarray(suv.array[ii, jj, kk], dtype=np.float64)
-        finite = np.isfinite(values)
-        n_finite = np.bincount(lab, weights=finite.astype(np.float64), minlength=n + 1)[1:]
-        sums = np.bincount(lab, weights=np.where(finite, values, 0.0), minlength=n + 1)[1:]
-        maxima = np.fmax.reduceat(np.where(finite, values, np.nan)[order], starts)
-        for m in range(n):
-            if n_finite[m] > 0:
-                suv_max[m] = float(maxima[m])
-                suv_mean[m] = float(sums[m] / n_finite[m])
-
-    ml_per_voxel = voxel_volume_ml(mask.affine)
-    lesions = []
-    for m in range(n):
-        volume = float(counts[m]) * ml_per_voxel
-        lesions.append(
-            Lesion(
-                index=m + 1,
-                voxel_count=int(counts[m]),
-                volume_ml=volume,
-                suv_max=suv_max[m],
-                suv_mean=suv_mean[m],
-                tlg=None if suv_mean[m] is None else suv_mean[m] * volume,
-                centroid_ras_mm=tuple(float(v) for v in centroid_ras[m]),  # type: ignore[arg-type]
-                bbox_ijk=(
-                    tuple(int(v) for v in bbox_lo[m]),  # type: ignore[arg-type]
-                    tuple(int(v) for v in bbox_hi[m]),  # type: ignore[arg-type]
-                ),
-            )
-        )
-    return lesions
-
-
 # ----------------------------------------------------------------------------------------------- orientation
 # Display axes: x toward the patient's Left (image columns, so patient right is on the image left), y toward
 # Posterior (axial rows, anterior up) and z toward Superior. In nibabel's axis codes that is ("L", "P", "S").
@@ -217,8 +64,6 @@ _DISPLAY_AXCODES = ("L", "P", "S")
 
 def _display_transform(affine: np.ndarray) -> np.ndarray:
     """nibabel orientation transform (per voxel axis: target axis, flip) from the voxel axes to (L, P, S)."""
-    from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
-
     return ornt_transform(io_orientation(affine), axcodes2ornt(_DISPLAY_AXCODES))
 
 
@@ -227,8 +72,6 @@ def _to_display(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.n
 
     Oblique affines are shown along their nearest patient axes (as viewers do for slightly tilted acquisitions).
     """
-    from nibabel.orientations import apply_orientation
-
     transform = _display_transform(affine)
     spacing = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
     display_spacing = np.empty(3)
@@ -302,8 +145,6 @@ def _compose(
 
     Each outline is traced after a nearest-neighbour resize of its mask, so it stays one display pixel thin.
     """
-    from PIL import Image
-
     image = Image.fromarray(np.round(rgb * 255).astype(np.uint8), mode="RGB")
     if image.size != size:
         image = image.resize(size, Image.Resampling.BILINEAR)
@@ -431,8 +272,6 @@ def render_coronal_mip(
 # ----------------------------------------------------------------------------------------------- file output
 def write_png(rgb: np.ndarray, path: str | os.PathLike[str]) -> Path:
     """Write a ``(height, width, 3)`` ``uint8`` image as PNG, atomically."""
-    from PIL import Image
-
     image = Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8), mode="RGB")
     out = Path(path)
     with atomic_outputs([out]) as (tmp,):
@@ -464,130 +303,3 @@ def write_overlays(
         "coronal_mip": write_png(mip, out / CORONAL_MIP_PNG),
         "axial_slice_index": index,
     }
-
-
-# ----------------------------------------------------------------------------------------------- report.json
-def _package_version(name: str) -> str | None:
-    """Installed distribution version without importing the package (torch's import alone takes seconds)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
-
-
-def software_versions() -> dict[str, str | None]:
-    """Versions of this bundle and the libraries whose numerics the results depend on."""
-    import cipa_bundle
-
-    return {
-        "cipa_bundle": cipa_bundle.__version__,
-        "monai": _package_version("monai"),
-        "torch": _package_version("torch"),
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-    }
-
-
-def _plain(value: Any) -> Any:
-    """Convert provenance objects (dataclasses, numpy scalars, paths, datetimes) into JSON-ready values."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _plain(dataclasses.asdict(value))
-    for method in ("to_dict", "as_dict"):
-        if callable(getattr(value, method, None)):
-            return _plain(getattr(value, method)())
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _plain(value.tolist())
-    if isinstance(value, np.generic):
-        return _plain(value.item())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None  # strict JSON has no NaN/Infinity
-    if isinstance(value, (_dt.datetime, _dt.date, _dt.time)):
-        return value.isoformat()
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    return value
-
-
-def build_report(
-    lesions: list[Lesion],
-    *,
-    device: str,
-    timings: Mapping[str, float],
-    suv_provenance: Any = None,
-    voxel_volume_ml: float | None = None,
-    extra: Mapping[str, Any] | None = None,
-    created: _dt.datetime | None = None,
-) -> dict[str, Any]:
-    """The content of ``report.json`` as a JSON-ready dict (pure: no I/O).
-
-    Args:
-        lesions: output of :func:`lesion_statistics`.
-        device: the torch device inference ran on, e.g. ``"cpu"`` or ``"cuda:0 (NVIDIA H100)"``.
-        timings: stage name -> seconds, e.g. ``{"load": 1.2, "inference": 30.5, "outputs": 2.0}``.
-        suv_provenance: how SUV was computed (a dict, or a dataclass such as the SUV module's provenance record);
-            ``None`` when the PET was not converted to SUV (then SUV values are in the PET's own units).
-        voxel_volume_ml: volume of one voxel of the mask grid, recorded so volumes can be re-derived.
-        extra: more top-level keys (inputs, outputs, threshold...); must not overwrite the keys above.
-        created: timestamp; default now (UTC).
-
-    Returns:
-        ``{"format", "created", "versions", "device", "timings_s", "suv_provenance", "tumor_count",
-        "total_volume_ml", "total_lesion_glycolysis", "voxel_volume_ml", "lesions": [...]}`` plus ``extra``.
-    """
-    bad = {k: v for k, v in timings.items() if not (isinstance(v, (int, float)) and math.isfinite(v))}
-    if bad:
-        raise ValueError(f"timings must be finite seconds, got {bad}")
-    tlgs = [lesion.tlg for lesion in lesions]
-    report: dict[str, Any] = {
-        "format": "cipa_bundle.report/1",
-        "created": (created or _dt.datetime.now(_dt.timezone.utc)).isoformat(timespec="seconds"),
-        "versions": software_versions(),
-        "device": str(device),
-        "timings_s": {str(k): float(v) for k, v in timings.items()},
-        "suv_provenance": _plain(suv_provenance),
-        "tumor_count": len(lesions),
-        "total_volume_ml": float(sum(lesion.volume_ml for lesion in lesions)),
-        "total_lesion_glycolysis": None if any(t is None for t in tlgs) else float(sum(tlgs)),  # type: ignore[arg-type]
-        "voxel_volume_ml": voxel_volume_ml,
-        "lesions": [lesion.to_dict() for lesion in lesions],
-    }
-    for key, value in (extra or {}).items():
-        if key in report:
-            raise ValueError(f"extra key {key!r} would overwrite a report field")
-        report[key] = _plain(value)
-    return report
-
-
-def write_report(
-    out_dir: str | os.PathLike[str],
-    lesions: list[Lesion],
-    *,
-    device: str,
-    timings: Mapping[str, float],
-    suv_provenance: Any = None,
-    voxel_volume_ml: float | None = None,
-    extra: Mapping[str, Any] | None = None,
-    created: _dt.datetime | None = None,
-    filename: str = REPORT_JSON,
-) -> Path:
-    """Write :func:`build_report`'s dict to ``out_dir/report.json`` atomically (strict JSON, 2-space indent).
-
-    Returns:
-        The path written.
-    """
-    report = build_report(
-        lesions,
-        device=device,
-        timings=timings,
-        suv_provenance=suv_provenance,
-        voxel_volume_ml=voxel_volume_ml,
-        extra=extra,
-        created=created,
-    )
-    return save_json(report, Path(out_dir) / filename)
