@@ -15,6 +15,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import monai.bundle
+
+from cipa_bundle.inference.predict import bundle_root, predict
+from cipa_bundle.metrics import evaluate_folder
+
 __all__ = ["run_demo"]
 
 
@@ -33,11 +38,6 @@ def run_demo(
         epochs: training epochs (default: ``configs/demo.json``).
         seed: phantom seed.
     """
-    import monai.bundle
-
-    from cipa_bundle.inference.predict import bundle_root, predict
-    from cipa_bundle.metrics import evaluate_folder
-
     out = Path(out_dir).resolve()
     configs = bundle_root() / "configs"
     dataset = out / "dataset"

@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from cipa_bundle.errors import CipaInputError
+from cipa_bundle.zoo import verify_metadata_offline
 
 __all__ = ["BUNDLE_NAME", "WEIGHT_FILES", "bundle_files", "package_bundle"]
 
@@ -142,8 +143,6 @@ def package_bundle(
         )
     files = bundle_files(root, include_weights=include_weights)
     if verify:
-        from cipa_bundle.zoo import verify_metadata_offline
-
         verify_metadata_offline(root / "configs" / "metadata.json")
 
     target.parent.mkdir(parents=True, exist_ok=True)

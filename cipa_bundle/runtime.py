@@ -22,6 +22,8 @@ import os
 import sys
 from types import TracebackType
 
+from cipa_bundle.errors import input_error_in
+
 __all__ = [
     "OPT_OUT_ENV_VAR",
     "one_line_error",
@@ -126,8 +128,6 @@ def report_input_errors_in_one_line() -> None:
     Installs a ``sys.excepthook`` that defers to the previous hook for everything else; ``CIPA_TRACEBACK=1`` keeps
     full tracebacks for input errors too.
     """
-    from cipa_bundle.errors import input_error_in
-
     previous = sys.excepthook
     if getattr(previous, "_cipa_one_line", False):
         return

@@ -35,8 +35,9 @@ from typing import Any
 
 import numpy as np
 
+from cipa_bundle.data.slices import expand_datalist_slices
 from cipa_bundle.errors import CipaInputError
-from cipa_bundle.io.nifti import nifti_header, require_3d_mask, require_same_grid
+from cipa_bundle.io.nifti import nifti_header, require_3d_mask, require_same_grid, save_json
 
 __all__ = [
     "SOURCES",
@@ -377,8 +378,6 @@ def build_autopet_datalist(
 # ---------------------------------------------------------------------------------------------------- writing
 def write_datalist(doc: dict[str, Any], out: str | os.PathLike[str]) -> Path:
     """Write a datalist document as JSON, atomically (temporary name in the same folder, then rename)."""
-    from cipa_bundle.io.nifti import save_json
-
     return save_json(doc, out)
 
 
@@ -424,8 +423,6 @@ def build_datalist(
     else:
         raise CipaInputError(f"datalist source is {source!r}; expected one of {', '.join(SOURCES)}")
     if slices:
-        from cipa_bundle.data.slices import expand_datalist_slices
-
         doc = expand_datalist_slices(doc, tumour_free_fraction, seed, ("training", "validation"), base_dir=root)
         doc["tensorImageSize"] = "2D slices of 3D"
     return write_datalist(doc, out)

@@ -19,6 +19,7 @@ from typing import Any
 
 from monai.data import CacheDataset
 
+from cipa_bundle.data.slices import sample_axial_slices
 from cipa_bundle.errors import CipaInputError
 from cipa_bundle.io.nifti import is_nifti_path
 
@@ -62,8 +63,6 @@ def expand_volume_items(
         CipaInputError: an item that is not a mapping, an item with neither ``"slice"`` nor ``label_key``, or volume
             items that give no slice at all (nothing of them to train or validate on).
     """
-    from cipa_bundle.data.slices import sample_axial_slices
-
     out: list[dict[str, Any]] = []
     volumes = volume_slices = 0
     for index, item in enumerate(data):
@@ -111,7 +110,6 @@ class AxialSliceCacheDataset(CacheDataset):
 
     ``len(dataset)`` is the number of slices after expansion; ``dataset.data`` holds the per-slice items.
     """
-
     def __init__(
         self,
         data: Sequence[Mapping[str, Any]],

@@ -36,7 +36,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 
 from cipa_bundle.errors import CipaInputError
-from cipa_bundle.io.nifti import grid_mismatch
+from cipa_bundle.io.nifti import grid_mismatch, save_json
 from cipa_bundle.preprocessing.transforms import DEFAULT_CT_WINDOW_HU, DEFAULT_SUV_MAX, ScaleSUV, WindowCT
 
 __all__ = [
@@ -107,7 +107,6 @@ class ExtractAxialSlice(Transform):
     The output's affine maps ``(row, col, 0)`` to the RAS position of that pixel in the volume, and its metadata
     keeps ``filename_or_obj`` (the source) and ``slice_index``.
     """
-
     def __init__(self, display: bool = True) -> None:
         self.display = display
 
@@ -181,7 +180,6 @@ class ExtractAxialSliced(MapTransform):
         display: see :class:`ExtractAxialSlice`.
         allow_missing_keys: skip keys absent from the item (e.g. ``label`` at inference).
     """
-
     def __init__(
         self, keys: KeysCollection, slice_key: str = "slice", display: bool = True, allow_missing_keys: bool = False
     ) -> None:
@@ -210,7 +208,6 @@ class ReadGrayPNG(Transform):
     Colour PNGs are converted with the ITU-R 601 luma weights, as OpenCV's grayscale read (used by the official
     loader) does; 16-bit or float PNGs are refused because PCLT20K is 8-bit.
     """
-
     def __init__(self, binary: bool = False) -> None:
         self.binary = binary
 
@@ -241,7 +238,6 @@ class LoadPCLT20Kd(MapTransform):
             (as written by ``cipa_bundle.data.datalist``). The label is optional (inference items have none).
         image_key: where the stacked image goes.
     """
-
     def __init__(
         self, ct_key: str = "ct", pet_key: str = "pet", label_key: str = "label", image_key: str = "image"
     ) -> None:
@@ -295,7 +291,6 @@ class LoadPETCTSliced(MapTransform):
         ct_window_hu: HU window mapped to [0, 1] for CT volumes given in HU.
         suv_max: SUV mapped to 1 for PET volumes given in SUV.
     """
-
     def __init__(
         self,
         image_key: str = "image",
@@ -447,8 +442,6 @@ def write_slice_datalist(
         sections: datalist sections to expand (see :func:`expand_datalist_slices`).
         base_dir: the dataset root; defaults to the datalist's folder, as ``load_decathlon_datalist`` does.
     """
-    from cipa_bundle.io.nifti import save_json
-
     src = Path(datalist)
     try:
         doc = json.loads(src.read_text())

@@ -32,10 +32,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import nibabel as nib
 import numpy as np
+import pydicom
+import torch
 
 from cipa_bundle.errors import CipaInputError
-from cipa_bundle.io.nifti import grid_mismatch, is_nifti_path, nifti_header, strip_nifti_suffix
+from cipa_bundle.io.atomic import atomic_outputs
+from cipa_bundle.io.dicom import sort_and_measure
+from cipa_bundle.io.nifti import grid_mismatch, is_nifti_path, nifti_bytes, nifti_header, sidecar_path, strip_nifti_suffix
+from cipa_bundle.io.volume import Volume
+from cipa_bundle.preprocessing.convert import convert_study
+from cipa_bundle.preprocessing.registration import resample_to_reference
+from cipa_bundle.preprocessing.transforms import DEFAULT_CT_WINDOW_HU, DEFAULT_SUV_MAX, ScaleSUV, WindowCT
 
 __all__ = ["PreparedInput", "check_datalist", "prepare_input", "case_name", "FUSED_IMAGE", "SUV_ON_CT"]
 
@@ -71,7 +80,6 @@ class PreparedInput:
         provenance: how SUV and the fused image were made (``convert``'s provenance.json, an SUV sidecar...).
         ct_datasets: CT slice headers in ``k`` order (DICOM input only), for the DICOM SEG.
     """
-
     kind: Literal["dicom", "nifti_pair", "fused"]
     source: str
     case: str
@@ -129,9 +137,7 @@ def check_datalist(items: Any, dataset_dir: str | os.PathLike[str] = "") -> list
 # --------------------------------------------------------------------------------------------------- helpers
 def _load_volume(path: Path, what: str):
     """``path`` as a :class:`Volume` (data read as float32), or a CipaInputError naming it."""
-    import nibabel as nib
 
-    from cipa_bundle.io.volume import Volume
 
     if not path.is_file():
         raise CipaInputError(f"{what} {path} does not exist; {_EXPECTED}")
@@ -154,7 +160,6 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _check_fused(path: Path) -> tuple[tuple[int, int, int], np.ndarray]:
     """Shape check and [0, 1] range check of a fused image; returns its spatial shape and affine."""
-    import nibabel as nib
 
     try:
         img = nib.load(os.fspath(path))
@@ -203,14 +208,6 @@ def _prepare_fused(path: Path, source: str) -> PreparedInput:
 
 
 def _prepare_pair(ct_path: Path, pet_path: Path, work_dir: Path, source: str) -> PreparedInput:
-    import torch
-
-    from cipa_bundle.io.atomic import atomic_outputs
-    from cipa_bundle.io.nifti import nifti_bytes, sidecar_path
-    from cipa_bundle.io.volume import Volume
-    from cipa_bundle.preprocessing.registration import resample_to_reference
-    from cipa_bundle.preprocessing.transforms import DEFAULT_CT_WINDOW_HU, DEFAULT_SUV_MAX, ScaleSUV, WindowCT
-
     ct = _load_volume(ct_path, "CT")
     pet = _load_volume(pet_path, "PET")
     for volume, path, what in ((ct, ct_path, "CT"), (pet, pet_path, "PET")):
@@ -254,12 +251,6 @@ def _prepare_pair(ct_path: Path, pet_path: Path, work_dir: Path, source: str) ->
 
 def _prepare_dicom(study: Path, work_dir: Path, source: str, register: str, suv_kind: str,
                    progress: bool, ct_series: str | None, pet_series: str | None) -> PreparedInput:
-    import nibabel as nib
-    import pydicom
-
-    from cipa_bundle.io.dicom import sort_and_measure
-    from cipa_bundle.preprocessing.convert import convert_study
-
     paths = convert_study(study, work_dir, register, suv_kind, progress=progress, ct_series=ct_series,
                           pet_series=pet_series)
     provenance = _read_json(paths["provenance"])

@@ -24,17 +24,29 @@ Two layers:
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 from monai.config import DtypeLike, KeysCollection
 from monai.data import FolderLayoutBase, NibabelWriter
+from monai.data.image_writer import ImageWriter
+from monai.data.utils import to_affine_nd
 from monai.transforms import SaveImaged
+from monai.utils import convert_data_type
 
+from cipa_bundle.errors import CipaInputError
 from cipa_bundle.inference.inputs import PreparedInput, case_name
-from cipa_bundle.io.nifti import is_nifti_path
+from cipa_bundle.io.nifti import is_nifti_path, save_nifti
+from cipa_bundle.io.rtstruct import write_rtstruct
+from cipa_bundle.io.seg import write_dicom_seg
+from cipa_bundle.io.volume import Volume
+from cipa_bundle.report.preview import write_overlays
+from cipa_bundle.report.report_json import write_report
+from cipa_bundle.report.statistics import lesion_statistics, voxel_volume_ml
 
 __all__ = [
     "MASK_NIFTI",
@@ -63,15 +75,9 @@ class AtomicNiftiWriter(NibabelWriter):
     ``nib.save`` writes in place, so an interrupted run leaves a truncated ``.nii.gz`` that looks like a result;
     this writer builds the whole file under a temporary name in the same folder and renames it.
     """
-
     def write(self, filename: str | os.PathLike[str], verbose: bool = False, **obj_kwargs: Any) -> None:
         """Write ``self.data_obj`` (channel-last, set by ``set_data_array``) with ``self.affine`` to ``filename``."""
-        from monai.data.image_writer import ImageWriter
-        from monai.data.utils import to_affine_nd
-        from monai.utils import convert_data_type
 
-        from cipa_bundle.io.nifti import save_nifti
-        from cipa_bundle.io.volume import Volume
 
         ImageWriter.write(self, filename, verbose=verbose)  # logging only
         array = np.asarray(ImageWriter.create_backend_obj(self.data_obj))
@@ -88,7 +94,6 @@ class CaseFolderLayout(FolderLayoutBase):
         output_dir: the parent folder.
         filename: the file written in each case folder, e.g. ``mask.nii.gz``.
     """
-
     def __init__(self, output_dir: str | os.PathLike[str], filename: str) -> None:
         self.output_dir = Path(output_dir)
         self.name = filename
@@ -117,7 +122,6 @@ class SaveCaseImaged(SaveImaged):
             ``@id``, which ``_disabled_`` cannot).
         print_log: log each file written.
     """
-
     def __init__(self, keys: KeysCollection, output_dir: str | os.PathLike[str], filename: str = MASK_NIFTI,
                  output_dtype: DtypeLike = np.uint8, enabled: bool = True, print_log: bool = False) -> None:
         if not is_nifti_path(filename):
@@ -143,10 +147,6 @@ class SaveCaseImaged(SaveImaged):
 
 # ----------------------------------------------------------------------------------------------- predict outputs
 def _load(path: Path):
-    import nibabel as nib
-
-    from cipa_bundle.io.volume import Volume
-
     img = nib.load(os.fspath(path))
     return Volume(np.asarray(img.dataobj), img.affine)
 
@@ -181,14 +181,6 @@ def write_outputs(
     Raises:
         CipaInputError: a mask that is not on the grid of the prepared image.
     """
-    import time
-
-    from cipa_bundle.errors import CipaInputError
-    from cipa_bundle.io.rtstruct import write_rtstruct
-    from cipa_bundle.io.seg import write_dicom_seg
-    from cipa_bundle.io.volume import Volume
-    from cipa_bundle.report import lesion_statistics, voxel_volume_ml, write_overlays, write_report
-
     start = time.perf_counter()
     out = Path(out_dir)
     mask = _load(Path(mask_path))

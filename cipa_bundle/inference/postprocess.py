@@ -37,6 +37,7 @@ from monai.transforms import MapTransform, Transform
 from monai.utils import convert_to_dst_type
 
 from cipa_bundle.io.volume import axial_axis
+from cipa_bundle.report.statistics import label_lesions, voxel_volume_ml
 
 __all__ = [
     "DEFAULT_BODY_THRESHOLD",
@@ -203,8 +204,6 @@ class RemoveSmallLesions(Transform):
 
     def __call__(self, img: NdarrayOrTensor, body: NdarrayOrTensor | None = None,
                  affine: NdarrayOrTensor | None = None) -> NdarrayOrTensor:
-        from cipa_bundle.report import label_lesions, voxel_volume_ml
-
         if affine is None:
             if not isinstance(img, MetaTensor):
                 raise ValueError("RemoveSmallLesions needs the voxel size: pass affine= or a MetaTensor mask")

@@ -24,12 +24,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from monai.bundle import ConfigWorkflow
 from monai.inferers import SliceInferer
 from monai.utils import convert_to_dst_type
 
 from cipa_bundle.errors import CipaInputError
+from cipa_bundle.inference.inputs import case_name, prepare_input
+from cipa_bundle.inference.outputs import MASK_NIFTI, PROBABILITIES_NIFTI, write_outputs
 from cipa_bundle.inference.postprocess import DEFAULT_BODY_THRESHOLD
 from cipa_bundle.networks.weights import checkpoint_architecture
+from cipa_bundle.preprocessing.transforms import NormalizeCIPAInput
 
 __all__ = [
     "BodySliceInferer",
@@ -82,7 +86,6 @@ class BodySliceInferer(SliceInferer):
     (``selection``: ``"body"``, or ``"all"`` when every slice ran). Subclasses choose other ranges by overriding
     :meth:`slice_range` (:class:`~cipa_bundle.inference.lung_range.LungSliceInferer`).
     """
-
     def __init__(
         self,
         roi_size: Sequence[int] | int,
@@ -95,8 +98,6 @@ class BodySliceInferer(SliceInferer):
         cval: float | None = None,
         **kwargs: Any,
     ) -> None:
-        from cipa_bundle.preprocessing.transforms import NormalizeCIPAInput
-
         normalize = NormalizeCIPAInput()
         if cval is None:
             cval = float(normalize(torch.zeros(1))[0])
@@ -267,11 +268,6 @@ def predict(
         MissingWeightsError: no checkpoint (the message says how to get one).
         CipaInputError: a bad input, checkpoint or argument.
     """
-    from monai.bundle import ConfigWorkflow
-
-    from cipa_bundle.inference.inputs import case_name, prepare_input
-    from cipa_bundle.inference.outputs import MASK_NIFTI, PROBABILITIES_NIFTI, write_outputs
-
     timings: dict[str, float] = {}
     start = time.perf_counter()
     if device is not None:

@@ -58,6 +58,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
+from cipa_bundle import __version__
 from cipa_bundle.errors import CipaInputError
 from cipa_bundle.io.atomic import atomic_outputs
 from cipa_bundle.io.source_ct import TYPE2_PATIENT_STUDY, binary_mask_on_ct, check_source_ct, referenced_image
@@ -519,8 +520,6 @@ def write_rtstruct(
             headers that cannot be referenced (empty list, missing tags, slices of several series or geometries), or
             a roi_name / structure_set_label too long for its DICOM value representation.
     """
-    import cipa_bundle
-
     check_source_ct(source_ct_datasets, "an RTSTRUCT", RtStructError)
     first = source_ct_datasets[0]
     mask = binary_mask_on_ct(mask_ijk, source_ct_datasets, RtStructError)
@@ -570,7 +569,7 @@ def write_rtstruct(
     # General Equipment
     ds.Manufacturer = "cipa_bundle"
     ds.ManufacturerModelName = "CIPA"
-    ds.SoftwareVersions = f"cipa_bundle {cipa_bundle.__version__}"
+    ds.SoftwareVersions = f"cipa_bundle {__version__}"
     # Frame of Reference: the CT's (contours are in its patient coordinates).
     ds.FrameOfReferenceUID = frame_uid
     ds.PositionReferenceIndicator = first.get("PositionReferenceIndicator", "") or ""
@@ -596,7 +595,7 @@ def write_rtstruct(
     roi_def.ReferencedFrameOfReferenceUID = frame_uid
     roi_def.ROIName = roi_name
     roi_def.ROIGenerationAlgorithm = "AUTOMATIC"
-    roi_def.ROIGenerationDescription = f"CIPA (cipa_bundle {cipa_bundle.__version__})"[:64]
+    roi_def.ROIGenerationDescription = f"CIPA (cipa_bundle {__version__})"[:64]
     ds.StructureSetROISequence = DicomSequence([roi_def])
 
     # ROI Contour: the slice's own ImagePositionPatient puts the points exactly in its plane.

@@ -24,8 +24,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from monai.utils import optional_import
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.sr.codedict import codes
 
+from cipa_bundle import __version__
 from cipa_bundle.errors import CipaInputError
 from cipa_bundle.io.atomic import atomic_outputs
 from cipa_bundle.io.multiframe import frame_number, source_object
@@ -33,6 +37,10 @@ from cipa_bundle.io.nifti import AFFINE_ATOL_MM
 from cipa_bundle.io.source_ct import TYPE2_PATIENT_STUDY, binary_mask_on_ct, check_source_ct
 
 __all__ = ["SEG_SOP_CLASS_UID", "write_dicom_seg", "read_dicom_seg_mask"]
+
+# Optional, not for lack of a wheel: the MONAI Label environment imports the output modules with pydicom 2, under
+# which highdicom (pydicom >= 3) does not import; only writing or reading a SEG needs it.
+hd, _ = optional_import("highdicom")
 
 #: Segmentation Storage SOP Class UID.
 SEG_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -166,7 +174,7 @@ def write_dicom_seg(
         instance_number: InstanceNumber of the SEG object.
         series_instance_uid: SeriesInstanceUID of the SEG; a new random UID by default (each run is a new series).
         sop_instance_uid: SOPInstanceUID of the SEG; a new random UID by default.
-        algorithm_version: AlgorithmVersion; the installed ``cipa_bundle.__version__`` by default.
+        algorithm_version: AlgorithmVersion; the installed ``__version__`` by default.
         content_datetime: ContentDate/ContentTime and SeriesDate/SeriesTime; now by default (pass a fixed value
             for byte-reproducible output).
         omit_empty_frames: leave out slices with no tumour. An all-empty mask still gets one (empty) frame, since
@@ -179,11 +187,6 @@ def write_dicom_seg(
         CipaInputError: a mask of the wrong shape or with values other than 0/1, or CT headers that cannot be
             referenced (an empty list, a missing geometry or UID tag, or slices from several series).
     """
-    import highdicom as hd
-    from pydicom.sr.codedict import codes
-
-    import cipa_bundle
-
     rows, columns = check_source_ct(source_ct_datasets, "a DICOM SEG")
     mask = binary_mask_on_ct(mask_ijk, source_ct_datasets)
     # DICOM frames are (rows, columns) = (j, i) planes, stacked along k.
@@ -192,7 +195,7 @@ def write_dicom_seg(
         # highdicom cannot write a SEG with zero frames; keep every (empty) frame rather than invent a subset.
         omit_empty_frames = False
 
-    version = algorithm_version or cipa_bundle.__version__
+    version = algorithm_version or __version__
     description = hd.seg.SegmentDescription(
         segment_number=1,
         segment_label=label_name,
@@ -228,7 +231,7 @@ def write_dicom_seg(
         instance_number=int(instance_number),
         manufacturer="cipa_bundle",
         manufacturer_model_name="CIPA",
-        software_versions=f"cipa_bundle {cipa_bundle.__version__}",
+        software_versions=f"cipa_bundle {__version__}",
         device_serial_number="0",
         content_description=f"CIPA {label_name} segmentation"[:64],
         content_label="CIPA",
@@ -272,9 +275,6 @@ def read_dicom_seg_mask(
             references, it references CT instances that are not in ``source_ct_datasets`` (a SEG of another
             series), or (SpatialLocationsPreserved not stated) a frame lies elsewhere than the slice it references.
     """
-    import highdicom as hd
-    from pydicom.errors import InvalidDicomError
-
     rows, columns = check_source_ct(source_ct_datasets, "a DICOM SEG")
     try:
         seg = hd.seg.segread(path)
