@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     env = dict(os.environ, ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work) if args.work else Path(tmp)
-        from cipa_bundle.data.phantom import make_phantom_case
+        from cipa_bundle.synthetic.phantom import make_phantom_case
 
         start = time.perf_counter()
         study = make_phantom_case(work, "bench_clinical", seed=0, shift=SHIFT_MM, vendor="siemens", size="clinical")

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from cipa_bundle.data.phantom import make_phantom_dataset
+    from cipa_bundle.synthetic.phantom import make_phantom_dataset
     from cipa_bundle.io.dicomweb import ENV_PASSWORD, ENV_TOKEN, ENV_USER
     from cipa_bundle.networks import CIPA
     from tests.orthanc import PASSWORD, USER, OrthancServer, orthanc_available

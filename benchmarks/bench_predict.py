@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from cipa_bundle.data.phantom import make_phantom_case
+    from cipa_bundle.synthetic.phantom import make_phantom_case
     from cipa_bundle.networks import CIPA
     from cipa_bundle.runtime import retain_freed_memory
 

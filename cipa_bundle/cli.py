@@ -106,7 +106,7 @@ class Commands:
             noise: add PET and CT noise (--nonoise for exact values).
             blur: blur the PET with a 6 mm FWHM PSF (--noblur for exact values).
         """
-        from cipa_bundle.data.phantom import make_phantom_dataset
+        from cipa_bundle.synthetic.phantom import make_phantom_dataset
 
         paths = make_phantom_dataset(out_dir, cases, seed, shift, vendor, size, noise, blur)
         return [str(p) for p in paths]

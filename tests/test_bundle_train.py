@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cipa_bundle.data.demo import build_synthetic_dataset, prepare_datalist
+from cipa_bundle.synthetic.dataset import build_synthetic_dataset, prepare_datalist
 from cipa_bundle.errors import CipaInputError
 from tests.conftest import REPO_ROOT
 

@@ -24,7 +24,7 @@ import pytest
 
 from cipa_bundle.cli import main
 from cipa_bundle.data.datalist import build_studies_datalist
-from cipa_bundle.data.phantom import make_phantom_case
+from cipa_bundle.synthetic.phantom import make_phantom_case
 from cipa_bundle.errors import CipaInputError
 from cipa_bundle.io.dicom import read_series
 from cipa_bundle.io.rtstruct import write_rtstruct

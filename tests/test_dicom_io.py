@@ -22,7 +22,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PositronEmissionTomographyImageStorage
 
 from cipa_bundle.io import dicom
-from cipa_bundle.io.dicom_writer import pet_header, write_image_series
+from cipa_bundle.synthetic.dicom_writer import pet_header, write_image_series
 from cipa_bundle.io.atomic import atomic_outputs
 from cipa_bundle.io.nifti import save_json, save_nifti, save_nifti_with_sidecar, sidecar_path
 

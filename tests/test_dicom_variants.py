@@ -39,9 +39,10 @@ import pydicom.uid
 import pytest
 import torch
 
-from cipa_bundle.data.phantom import SIZES, _centred_grid, build_anatomy, make_phantom_case
+from cipa_bundle.synthetic.anatomy import SIZES, _centred_grid, build_anatomy
+from cipa_bundle.synthetic.phantom import make_phantom_case
 from cipa_bundle.io.dicom import UnsupportedImageError
-from cipa_bundle.io.dicom_writer import pet_header, write_image_series
+from cipa_bundle.synthetic.dicom_writer import pet_header, write_image_series
 from cipa_bundle.io.volume import LPS_TO_RAS
 from cipa_bundle.preprocessing.convert import convert_study
 from tests.test_convert import _copy_series

@@ -59,7 +59,7 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 # --------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def case(tmp_path_factory) -> Path:
-    from cipa_bundle.data.phantom import make_phantom_dataset
+    from cipa_bundle.synthetic.phantom import make_phantom_dataset
 
     return make_phantom_dataset(tmp_path_factory.mktemp("phantom"), 1, seed=3, noise=False, blur=False)[0]
 

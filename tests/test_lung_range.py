@@ -8,7 +8,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from cipa_bundle.data.phantom import SIZES, Ellipsoid, Grid, Structure, build_anatomy
+from cipa_bundle.synthetic.anatomy import SIZES, Ellipsoid, Grid, Structure, build_anatomy
 from cipa_bundle.inference.lung_range import LungSliceInferer, lung_slices
 from cipa_bundle.preprocessing.transforms import NormalizeCIPAInput, WindowCT
 

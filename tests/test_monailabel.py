@@ -54,7 +54,7 @@ def _gunzip(path: Path) -> bytes:
 @pytest.fixture(scope="module")
 def studies(tmp_path_factory) -> dict[str, Path]:
     """Three small phantom studies converted with ``--studies_dir`` (labels taken from each case folder)."""
-    from cipa_bundle.data.phantom import make_phantom_dataset
+    from cipa_bundle.synthetic.phantom import make_phantom_dataset
 
     root = tmp_path_factory.mktemp("monailabel")
     cases = make_phantom_dataset(root / "dicom", CASES, seed=5)

@@ -35,7 +35,7 @@ pytestmark = [
 def test_monailabel_infers_a_pacs_ct_series_with_its_pet_and_stores_the_seg(
     tiny_checkpoint: Path, tmp_path: Path  # noqa: F811
 ) -> None:
-    from cipa_bundle.data.phantom import make_phantom_dataset
+    from cipa_bundle.synthetic.phantom import make_phantom_dataset
 
     case = make_phantom_dataset(tmp_path / "phantom", 1, seed=31, noise=False, blur=False)[0]
     ct_files = sorted((case / "dicom" / "ct").glob("*.dcm"))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cipa_bundle.data.demo import build_synthetic_dataset
+from cipa_bundle.synthetic.dataset import build_synthetic_dataset
 from tests.conftest import REPO_ROOT
 
 CONFIGS = [str(REPO_ROOT / "configs" / name) for name in ("train.json", "demo.json", "multi_gpu_train.json")]

@@ -17,7 +17,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from cipa_bundle.data.phantom import make_phantom_case
+from cipa_bundle.synthetic.phantom import make_phantom_case
 from cipa_bundle.errors import CipaInputError
 from cipa_bundle.io.dicom import DuplicatePositionError, read_series
 from cipa_bundle.io.multiframe import frame_datasets, frame_number

@@ -63,7 +63,7 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def studies(server: OrthancServer, tmp_path_factory) -> dict[str, Path]:
     """Three phantom studies on the server: StudyInstanceUID -> the case folder they came from."""
-    from cipa_bundle.data.phantom import make_phantom_dataset
+    from cipa_bundle.synthetic.phantom import make_phantom_dataset
 
     found = {}
     for case in make_phantom_dataset(tmp_path_factory.mktemp("pacs_phantoms"), 3, seed=11, noise=False, blur=False):

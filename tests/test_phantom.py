@@ -16,7 +16,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from cipa_bundle.data.phantom import SIZES, build_anatomy, make_phantom_case, make_phantom_dataset, parse_shift
+from cipa_bundle.synthetic.anatomy import SIZES, build_anatomy
+from cipa_bundle.synthetic.phantom import make_phantom_case, make_phantom_dataset, parse_shift
 from cipa_bundle.errors import CipaInputError
 
 

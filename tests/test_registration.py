@@ -139,7 +139,7 @@ def test_rigid_gate_limits_are_configurable() -> None:
 
 # --------------------------------------------------------------------------------------------------- rigid
 def _study(root: Path, name: str, shift: tuple[float, float, float]) -> tuple[Volume, Volume, dict]:
-    from cipa_bundle.data.phantom import make_phantom_case
+    from cipa_bundle.synthetic.phantom import make_phantom_case
     from cipa_bundle.io.dicom import read_series
     from cipa_bundle.preprocessing.suv_series import pet_series_to_suv
 

@@ -20,7 +20,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
-from cipa_bundle.data.phantom import make_phantom_case
+from cipa_bundle.synthetic.phantom import make_phantom_case
 from cipa_bundle.errors import CipaInputError
 from cipa_bundle.io.dicom import DicomSeries, read_series
 from cipa_bundle.io.rtstruct import (

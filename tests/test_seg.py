@@ -16,7 +16,7 @@ import pytest
 
 import cipa_bundle
 from cipa_bundle.errors import CipaInputError
-from cipa_bundle.io.dicom_writer import write_image_series
+from cipa_bundle.synthetic.dicom_writer import write_image_series
 from cipa_bundle.io.seg import SEG_SOP_CLASS_UID, read_dicom_seg_mask, write_dicom_seg
 
 # Tiny, deliberately non-square grid (I != J) so a transposed frame cannot have the right shape by accident.

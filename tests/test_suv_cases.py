@@ -28,7 +28,7 @@ from pydicom.dataset import Dataset
 
 from cipa_bundle.cli import main
 from cipa_bundle.io.dicom import read_series
-from cipa_bundle.io.dicom_writer import pet_header, write_image_series
+from cipa_bundle.synthetic.dicom_writer import pet_header, write_image_series
 from cipa_bundle.preprocessing import suv, suv_errors
 
 REPO = Path(__file__).resolve().parents[1]

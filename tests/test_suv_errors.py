@@ -21,7 +21,7 @@ from pydicom.tag import Tag
 
 from cipa_bundle.errors import CipaInputError
 from cipa_bundle.io.dicom import read_series
-from cipa_bundle.io.dicom_writer import pet_header, write_image_series
+from cipa_bundle.synthetic.dicom_writer import pet_header, write_image_series
 from cipa_bundle.preprocessing import suv, suv_errors, suv_series
 from cipa_bundle.preprocessing.registration import check_frame_of_reference
 

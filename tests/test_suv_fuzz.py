@@ -25,7 +25,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import Tag
 
 from cipa_bundle.io.dicom import DicomSeriesError
-from cipa_bundle.io.dicom_writer import write_image_series
+from cipa_bundle.synthetic.dicom_writer import write_image_series
 from cipa_bundle.preprocessing import suv_errors, suv_series
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR")

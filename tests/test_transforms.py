@@ -118,7 +118,7 @@ def test_network_normalisation_lives_in_one_place() -> None:
 
 @pytest.fixture(scope="module")
 def phantom_pet(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    from cipa_bundle.data.phantom import make_phantom_case
+    from cipa_bundle.synthetic.phantom import make_phantom_case
 
     case = make_phantom_case(tmp_path_factory.mktemp("phantom"), "t", seed=3, vendor="ge", noise=False, blur=False)
     return case / "dicom" / "pet", json.loads((case / "truth.json").read_text())

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     import numpy as np
     import requests
 
-    from cipa_bundle.data.phantom import make_phantom_dataset
+    from cipa_bundle.synthetic.phantom import make_phantom_dataset
     from cipa_bundle.io.dicom import read_series
     from cipa_bundle.io.seg import read_dicom_seg_mask
     from tests.monailabel_server import MonaiLabelServer

@@ -1,6 +1,6 @@
 """The embedded synthetic dataset: what ``train.json`` trains on when the user has no data of their own.
 
-On first use, phantom PET-CT DICOM studies are generated (``cipa_bundle.data.phantom``), converted exactly as a
+On first use, phantom PET-CT DICOM studies are generated (``cipa_bundle.synthetic.phantom``), converted exactly as a
 clinical study would be (``cipa-bundle convert``), and listed in a per-slice datalist; later runs reuse the cache.
 """
 
@@ -10,7 +10,11 @@ import os
 import shutil
 from pathlib import Path
 
+from cipa_bundle.data.datalist import build_studies_datalist, write_datalist
+from cipa_bundle.data.slices import expand_datalist_slices
 from cipa_bundle.errors import CipaInputError
+from cipa_bundle.preprocessing.convert import convert_study
+from cipa_bundle.synthetic.phantom import make_phantom_dataset
 
 __all__ = ["prepare_datalist", "build_synthetic_dataset"]
 
@@ -31,11 +35,6 @@ def build_synthetic_dataset(
     volumes in ``testing``). The last ``held_out`` cases go to ``testing`` and are never trained or validated on.
     The folder is built under a temporary name and renamed, so an interrupted first run leaves no half dataset.
     """
-    from cipa_bundle.data.datalist import build_studies_datalist, write_datalist
-    from cipa_bundle.data.phantom import make_phantom_dataset
-    from cipa_bundle.data.slices import expand_datalist_slices
-    from cipa_bundle.preprocessing.convert import convert_study
-
     final = Path(dataset_dir)
     if cases < 2 + held_out:
         raise CipaInputError(f"synthetic dataset: cases={cases}; expected at least {2 + held_out} (train, val, test)")
