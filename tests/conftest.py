@@ -12,14 +12,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _find_shared(name: str, marker: str) -> Path | None:
-    """``shared/<name>``, read in place and never copied: found from ``$CIPA_SHARED_<NAME>``, beside the checkout, or
-    at the workplace's fixed location (so a fresh clone in a temporary folder still finds it), by ``marker`` inside.
+    """``shared/<name>``, read in place and never copied: found from ``$CIPA_SHARED_<NAME>`` or beside the checkout
+    (``../shared/<name>``), by ``marker`` inside. ``.ci/run`` sets the variables for a clone elsewhere.
 
     ``reference`` holds the read-only notes (golden fixture, official key table); ``real`` the 8 real PET-CT patients
     (CC BY 3.0; see its README).
     """
-    candidates = [os.environ.get(f"CIPA_SHARED_{name.upper()}"), REPO_ROOT.parent / "shared" / name,
-                  f"/work/shared/{name}"]
+    candidates = [os.environ.get(f"CIPA_SHARED_{name.upper()}"), REPO_ROOT.parent / "shared" / name]
     for candidate in candidates:
         if candidate and (Path(candidate) / marker).exists():
             return Path(candidate)
