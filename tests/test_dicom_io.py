@@ -24,7 +24,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PositronEmission
 from cipa_bundle.io import dicom
 from cipa_bundle.synthetic.dicom_writer import pet_header, write_image_series
 from cipa_bundle.io.atomic import atomic_outputs
-from cipa_bundle.io.nifti import save_json, save_nifti, save_nifti_with_sidecar, sidecar_path
+from cipa_bundle.io.nifti import json_ready, json_text, save_json, save_nifti, save_nifti_with_sidecar, sidecar_path
 
 # An oblique-in-plane, feet-first-like geometry: rows rotated 30 degrees about z, slices written top-down.
 COS, SIN = math.cos(math.radians(30)), math.sin(math.radians(30))
@@ -354,6 +354,11 @@ def test_nifti_and_json_writers_are_atomic_and_reproducible(tmp_path: Path) -> N
         save_nifti(vol, tmp_path / "d.png")
     with pytest.raises(ValueError):
         save_json({"x": float("nan")}, tmp_path / "nan.json")
+    # The one sanitiser: NaN anywhere (numpy or Python, in dicts, lists, arrays) becomes null; keys become text.
+    record = {np.int64(3): [np.float32("nan"), 1.5], "a": np.array([np.inf, 2.0]), "p": tmp_path / "q",
+              "t": dt.date(2024, 5, 1)}
+    assert json_ready(record) == {"3": [None, 1.5], "a": [None, 2.0], "p": str(tmp_path / "q"), "t": "2024-05-01"}
+    assert json.loads(json_text(json_ready(record)))["a"] == [None, 2.0]
     with pytest.raises(ValueError):  # a bad sidecar stops the NIfTI too
         save_nifti_with_sidecar(vol, tmp_path / "pair.nii.gz", {"x": float("inf")})
     with pytest.raises(RuntimeError):

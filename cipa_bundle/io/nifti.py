@@ -9,10 +9,13 @@ gives the same bytes.
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as _dt
 import gzip
 import json
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,7 @@ __all__ = [
     "save_nifti",
     "save_nifti_with_sidecar",
     "sidecar_path",
+    "json_ready",
 ]
 
 #: gzip level for .nii.gz: 1 is what nibabel uses by default; higher levels cost seconds on clinical volumes.
@@ -107,8 +111,38 @@ def save_nifti(image: Any, path: str | os.PathLike[str]) -> Path:
     return final
 
 
+def json_ready(value: Any) -> Any:
+    """``value`` as plain JSON values, for a record in which a non-finite number means "not defined".
+
+    Dataclasses and objects with ``to_dict`` / ``as_dict`` become dicts (keys as text), tuples and arrays lists,
+    numpy scalars Python numbers, datetimes ISO text and paths text; NaN and infinity become ``null``. It is the one
+    sanitiser of the package (report.json, the evaluation summary). :func:`json_text` alone refuses NaN instead,
+    because a NaN in a provenance sidecar is an error, not an undefined value.
+    """
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return json_ready(dataclasses.asdict(value))
+    for method in ("to_dict", "as_dict"):
+        if callable(getattr(value, method, None)):
+            return json_ready(getattr(value, method)())
+    if isinstance(value, Mapping):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return json_ready(value.tolist())
+    if isinstance(value, np.generic):
+        return json_ready(value.item())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # strict JSON has no NaN/Infinity
+    if isinstance(value, (_dt.datetime, _dt.date, _dt.time)):
+        return value.isoformat()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
+
+
 def _json_default(obj: Any) -> Any:
-    """numpy scalars/arrays and paths into JSON types."""
+    """numpy scalars/arrays and paths into JSON types (the encoder's fallback; NaN stays refused)."""
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, np.ndarray):

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from cipa_bundle.errors import CipaInputError
 from cipa_bundle.io.atomic import atomic_outputs
-from cipa_bundle.io.nifti import is_nifti_path, json_text, strip_nifti_suffix
+from cipa_bundle.io.nifti import is_nifti_path, json_ready, json_text, strip_nifti_suffix
 from cipa_bundle.metrics.case import AUTOPET_CONNECTIVITY, CaseMetrics, case_metrics
 from cipa_bundle.metrics.confusion import ConfusionCounts
 from cipa_bundle.metrics.foreground import DEFAULT_THRESHOLD
@@ -73,15 +73,6 @@ def _load_mask(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if data.ndim != 3:
         raise CipaInputError(f"mask {path} has shape {data.shape}; expected a 3-D (I, J, K) mask")
     return data >= DEFAULT_THRESHOLD, np.asarray(img.affine, dtype=np.float64)
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN/inf become ``null`` so the summary stays strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    return value
 
 
 def _nanmean(values: list[float]) -> tuple[float, int]:
@@ -184,7 +175,7 @@ def evaluate_folder(
         },
         "settings": {"threshold": DEFAULT_THRESHOLD, "connectivity": connectivity, "axial_axis": "voxel axis nearest superior-inferior"},
     }
-    summary = _json_safe(summary)
+    summary = json_ready(summary)
     _write_outputs(Path(out_dir), rows, summary)
     return summary
 

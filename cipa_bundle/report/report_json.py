@@ -7,7 +7,6 @@ Versions, device, timings, SUV provenance, tumour count, total volume and the le
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
 import math
 import os
@@ -20,7 +19,7 @@ from typing import Any
 import numpy as np
 
 import cipa_bundle
-from cipa_bundle.io.nifti import save_json
+from cipa_bundle.io.nifti import json_ready, save_json
 from cipa_bundle.report.statistics import Lesion
 
 __all__ = ["software_versions", "build_report", "write_report", "REPORT_JSON"]
@@ -45,30 +44,6 @@ def software_versions() -> dict[str, str | None]:
         "numpy": np.__version__,
         "python": platform.python_version(),
     }
-
-
-def _plain(value: Any) -> Any:
-    """Convert provenance objects (dataclasses, numpy scalars, paths, datetimes) into JSON-ready values."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _plain(dataclasses.asdict(value))
-    for method in ("to_dict", "as_dict"):
-        if callable(getattr(value, method, None)):
-            return _plain(getattr(value, method)())
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _plain(value.tolist())
-    if isinstance(value, np.generic):
-        return _plain(value.item())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None  # strict JSON has no NaN/Infinity
-    if isinstance(value, (_dt.datetime, _dt.date, _dt.time)):
-        return value.isoformat()
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    return value
 
 
 def build_report(
@@ -107,7 +82,7 @@ def build_report(
         "versions": software_versions(),
         "device": str(device),
         "timings_s": {str(k): float(v) for k, v in timings.items()},
-        "suv_provenance": _plain(suv_provenance),
+        "suv_provenance": json_ready(suv_provenance),
         "tumor_count": len(lesions),
         "total_volume_ml": float(sum(lesion.volume_ml for lesion in lesions)),
         "total_lesion_glycolysis": None if any(t is None for t in tlgs) else float(sum(tlgs)),  # type: ignore[arg-type]
@@ -117,7 +92,7 @@ def build_report(
     for key, value in (extra or {}).items():
         if key in report:
             raise ValueError(f"extra key {key!r} would overwrite a report field")
-        report[key] = _plain(value)
+        report[key] = json_ready(value)
     return report
 
 
