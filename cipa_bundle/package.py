@@ -7,7 +7,7 @@ caches, training checkpoints)::
     petct_lung_tumor_segmentation/
         LICENSE  README.md  large_files.yml  metadata.json  pyproject.toml
         configs/   every config, metadata.json and logging.conf
-        docs/      README.md, data_license.txt
+        docs/      README.md (the model card), its pages, data_license.txt, figures
         models/    model.pt / model.ts / model.onnx where present; otherwise empty (large_files.yml says where from)
         cipa_bundle/   the Python package the configs name as ``cipa_bundle.*``
 
