@@ -285,13 +285,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="predict with the last epoch's weights (default, as nnU-Net) or the best validation epoch's")
     parser.add_argument("--override", type=json.loads, default={},
                         help='more training/inference config ids as JSON, e.g. \'{"network_width": 24}\'')
+    parser.add_argument("--ct_window", type=float, nargs=2, default=None, metavar=("LOW_HU", "HIGH_HU"),
+                        help="convert's CT window for the CT channel of the trained methods (default: the bundle's "
+                             "lung window); e.g. -160 240 for soft tissue")
     args = parser.parse_args(argv)
+
+    from cipa_bundle.preprocessing.transforms import DEFAULT_CT_WINDOW_HU
 
     started = time.perf_counter()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     patients = find_patients(args.data, args.patients)
-    converted = convert_patients(args.data, patients, out)
+    converted = convert_patients(args.data, patients, out, args.ct_window)
     folds = patient_folds(patients, args.folds)
     tested = [p for fold in folds for p in fold["test"]]
     timing: dict[str, dict[str, float]] = {m: {"train_s": 0.0, "predict_s": 0.0} for m in args.methods}
@@ -305,6 +310,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 # A finished training run records its settings and time last; --resume keeps it and predicts again.
                 fold_dir, record = fold_root / method, fold_root / f"{method}.train.json"
                 settings = {"fold": fold, "epochs": args.epochs, "override": args.override}
+                if args.ct_window is not None:  # runs without it (the lung window) keep their records
+                    settings["ct_window"] = args.ct_window
                 if args.resume and record.is_file() and json.loads(record.read_text())["settings"] == settings:
                     train_s = json.loads(record.read_text())["train_s"]
                 else:
@@ -330,7 +337,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         os.symlink(converted[patient] / "label.nii.gz", gt_root / patient / "label.nii.gz")
     slices = {p: int(json.loads((converted[p] / "provenance.json").read_text())["ct"]["shape"][2]) for p in tested}
     results: dict[str, Any] = {"patients": tested, "folds": folds, "epochs": args.epochs, "weights": args.weights,
-                               "methods": {}}
+                               "ct_window_hu": list(args.ct_window or DEFAULT_CT_WINDOW_HU), "methods": {}}
     for method in args.methods:
         summary = evaluate_folder(predictions[method], gt_root, out / "metrics" / method,
                                   pred_name="mask.nii.gz", gt_name="label.nii.gz")
