@@ -124,6 +124,7 @@ class Commands:
         pet_series: str | None = None,
         label_rtstruct: str | None = None,
         roi: str | None = None,
+        ct_window: str | None = None,
     ) -> dict[str, str]:
         """Convert a DICOM PET-CT study to ct/suv/suv_ct/image NIfTIs and provenance.json (PET resampled onto CT).
 
@@ -141,12 +142,16 @@ class Commands:
             label_rtstruct: an RTSTRUCT drawn on this CT: its ROI is rasterised onto the CT grid as
                 OUT_DIR/label.nii.gz (voxel centres, even-odd rule), which datalist studies and STUDIES_DIR take.
             roi: the ROI (ROIName) of LABEL_RTSTRUCT, when it holds several.
+            ct_window: LOW,HIGH in HU mapped to [0, 1] in image.nii.gz's CT channel (default -1200,-200, the lung
+                window; -160,240 for soft tissue). Train and predict with the same window.
         """
         from cipa_bundle.preprocessing.convert import convert_study
+        from cipa_bundle.preprocessing.transforms import DEFAULT_CT_WINDOW_HU, ct_window_from
 
+        window = DEFAULT_CT_WINDOW_HU if ct_window is None else ct_window_from(ct_window)
         written = convert_study(study_dir, out_dir, register, kind, studies_dir=studies_dir, case_id=_name(case_id),
                                 label=label, ct_series=_name(ct_series), pet_series=_name(pet_series),
-                                label_rtstruct=label_rtstruct, roi=_name(roi))
+                                label_rtstruct=label_rtstruct, roi=_name(roi), ct_window_hu=window)
         return {k: str(v) for k, v in written.items()}
 
     def predict(
@@ -171,6 +176,7 @@ class Commands:
         all_slices: bool = False,
         rtstruct: bool = False,
         store: bool = False,
+        ct_window: str | None = None,
     ) -> dict[str, str]:
         """Segment lung tumours in one study: mask.nii.gz, seg.dcm (DICOM input), PNG overlays and report.json.
 
@@ -196,6 +202,8 @@ class Commands:
             rtstruct: DICOM input: also write rtstruct.dcm, the mask's contours as an RTSTRUCT referencing the CT.
             store: DICOMweb input: store seg.dcm (and rtstruct.dcm) back into the study (STOW-RS), confirmed by QIDO-RS;
                 the outputs stay in OUT_DIR either way.
+            ct_window: LOW,HIGH in HU for the CT channel: the window the model was trained with (default -1200,-200,
+                the lung window). A fused image must have been converted with it.
         """
         from cipa_bundle.errors import CipaInputError
         from cipa_bundle.inference.predict import predict
@@ -206,6 +214,7 @@ class Commands:
             decoder_depths=decoder_depths, sw_batch_size=sw_batch_size, probabilities=probabilities, device=device,
             register=register, suv_kind=kind, overrides=override, keep_intermediate=keep_intermediate,
             ct_series=_name(ct_series), pet_series=_name(pet_series), all_slices=all_slices, rtstruct=rtstruct,
+            ct_window_hu=ct_window,
         )
         if is_dicomweb_url(input):
             from cipa_bundle.inference.pacs import predict_dicomweb
@@ -233,6 +242,7 @@ class Commands:
         override: dict[str, Any] | None = None,
         rtstruct: bool = False,
         all_slices: bool = False,
+        ct_window: str | None = None,
     ) -> str:
         """Segment many studies of a DICOMweb server one after another; a re-run skips the studies already done.
 
@@ -247,7 +257,8 @@ class Commands:
             studies: a text file with one StudyInstanceUID per line (# comments allowed).
             study_date: instead of --studies, a StudyDate range searched by QIDO-RS: YYYYMMDD-YYYYMMDD.
             store: store each study's SEG (and RTSTRUCT) back into it.
-            checkpoint, device, register, kind, sw_batch_size, override, rtstruct, all_slices: as for predict.
+            checkpoint, device, register, kind, sw_batch_size, override, rtstruct, all_slices, ct_window: as for
+                predict.
         """
         import csv
 
@@ -257,7 +268,7 @@ class Commands:
         summary = predict_studies(
             server, out_dir, checkpoint, studies=studies, study_date=_name(study_date), store=store,
             rtstruct=rtstruct, device=device, register=register, suv_kind=kind, sw_batch_size=sw_batch_size,
-            overrides=override, all_slices=all_slices,
+            overrides=override, all_slices=all_slices, ct_window_hu=ct_window,
         )
         with open(summary, newline="", encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle))

@@ -138,6 +138,22 @@ def test_cli_missing_pet_exits_2_with_one_line(tmp_path: Path, clean_case: Path)
     assert not out.exists()
 
 
+def test_cli_ct_window_sets_the_ct_channel(tmp_path: Path, clean_case: Path) -> None:
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-m", "cipa_bundle", "convert", str(clean_case / "dicom"), str(out),
+                           "--ct_window=-160,240"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    hu = np.asarray(nib.load(out / "ct.nii.gz").dataobj, dtype=np.float32)
+    channel = np.asarray(nib.load(out / "image.nii.gz").dataobj)[..., 0]
+    np.testing.assert_allclose(channel, np.clip((hu + 160.0) / 400.0, 0, 1), atol=1e-6)
+    assert json.loads((out / "provenance.json").read_text())["image"]["ct_window_hu"] == [-160.0, 240.0]
+    proc = subprocess.run([sys.executable, "-m", "cipa_bundle", "convert", str(clean_case / "dicom"),
+                           str(tmp_path / "bad"), "--ct_window=240,-160"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 2 and "ct_window_hu=(240, -160): expected finite LOW < HIGH" in proc.stderr
+    assert not (tmp_path / "bad").exists()
+
+
 def test_cli_mismatched_frame_of_reference(tmp_path: Path, clean_case: Path, capsys: pytest.CaptureFixture) -> None:
     study = tmp_path / "study"
     shutil.copytree(clean_case / "dicom", study)

@@ -180,6 +180,19 @@ def test_studies_errors_name_the_case(tmp_path):
         build_studies_datalist(tmp_path / "empty")
 
 
+def test_studies_of_different_ct_windows_are_refused(tmp_path):
+    for case in ("c1", "c2", "c3"):
+        _study(tmp_path, case)
+    record = {"image": {"ct_window_hu": [-1200.0, -200.0]}}
+    (tmp_path / "c1" / "provenance.json").write_text(json.dumps(record))
+    (tmp_path / "c2" / "provenance.json").write_text(json.dumps(record))
+    assert len(build_studies_datalist(tmp_path, 0.0)["training"]) == 3  # one window (c3 has no record)
+    (tmp_path / "c2" / "provenance.json").write_text(json.dumps({"image": {"ct_window_hu": [-160, 240]}}))
+    with pytest.raises(CipaInputError, match=r"case c2: .* CT window \[-160.0, 240.0\] HU, case c1 with "
+                                             r"\[-1200.0, -200.0\] HU .*expected one window"):
+        build_studies_datalist(tmp_path, 0.0)
+
+
 def test_studies_affine_mismatch(tmp_path):
     _study(tmp_path, "c1")
     shifted = AFFINE.copy()

@@ -408,6 +408,34 @@ def test_prepare_input_refuses_what_it_cannot_use(converted: dict[str, Path], tm
         prepare_input(folder, tmp_path)
 
 
+def test_ct_window_is_the_one_asked_for_and_a_fused_image_must_record_it(
+    case: Path, converted: dict[str, Path], cropped: dict[str, Path], tmp_path: Path
+) -> None:
+    soft = (-160.0, 240.0)
+    hu = np.asarray(nib.load(cropped["ct"]).dataobj, dtype=np.float32)
+    # A CT + PET pair: the CT channel is clip((HU + 160) / 400, 0, 1), worked out here from the HU themselves.
+    pair = prepare_input((cropped["ct"], cropped["suv"]), tmp_path / "pair", ct_window_hu="-160,240")
+    channel = np.asarray(nib.load(pair.image).dataobj)[..., 0]
+    np.testing.assert_allclose(channel, np.clip((hu + 160.0) / 400.0, 0, 1), atol=1e-6)
+    assert pair.provenance["image"]["ct_window_hu"] == list(soft)
+    # A DICOM study goes through convert with that window, and its provenance records it.
+    dicom = prepare_input(case / "dicom", tmp_path / "dicom", ct_window_hu=soft, progress=False)
+    study_hu = np.asarray(nib.load(dicom.ct).dataobj, dtype=np.float32)
+    np.testing.assert_allclose(np.asarray(nib.load(dicom.image).dataobj)[..., 0],
+                               np.clip((study_hu + 160.0) / 400.0, 0, 1), atol=1e-6)
+    assert dicom.provenance["image"]["ct_window_hu"] == list(soft)
+    # A fused image is already windowed: the same window passes, another one is refused naming both.
+    assert prepare_input(dicom.image, tmp_path / "x", ct_window_hu=soft).kind == "fused"
+    with pytest.raises(CipaInputError, match=r"ct_window_hu=\[-160.0, 240.0\] was asked for, but this fused image "
+                                             r"was windowed with \[-1200.0, -200.0\] HU"):
+        prepare_input(converted["image"], tmp_path / "y", ct_window_hu=soft)
+    with pytest.raises(CipaInputError, match=r"has no provenance.json recording its window"):
+        prepare_input(cropped["image"], tmp_path / "z", ct_window_hu=soft)
+    for bad in ("240,-160", "soft", (1.0, float("nan")), "1,2,3"):
+        with pytest.raises(CipaInputError, match=r"ct_window_hu=.*expected"):
+            prepare_input(cropped["image"], tmp_path / "w", ct_window_hu=bad)
+
+
 def test_checkpoint_architecture_is_read_from_shapes(tmp_path: Path) -> None:
     from cipa_bundle.networks import CIPA
 

@@ -27,6 +27,7 @@ dataset root that links to data stored elsewhere still works.
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -290,6 +291,18 @@ def _document_3d(
     )
 
 
+def _ct_window_of(image: Path) -> tuple[float, ...] | None:
+    """The CT window ``convert`` recorded beside ``image`` (``provenance.json``), or None where there is no record."""
+    record = image.parent / "provenance.json"
+    if not record.is_file():
+        return None
+    try:
+        window = json.loads(record.read_text()).get("image", {}).get("ct_window_hu")
+    except (OSError, ValueError, AttributeError) as err:
+        raise CipaInputError(f"{record}: not readable JSON with image.ct_window_hu ({err})") from err
+    return None if window is None else tuple(float(v) for v in window)
+
+
 def build_studies_datalist(
     root: str | os.PathLike[str],
     val_fraction: float = 0.2,
@@ -312,6 +325,7 @@ def build_studies_datalist(
     """
     root = Path(root)
     cases = _find_cases(root, image_name)
+    windows: dict[tuple[float, ...], str] = {}
 
     def item(case: str) -> dict[str, str]:
         entry = {
@@ -319,6 +333,16 @@ def build_studies_datalist(
             "label": _inside(root, f"{case}/{label_name}", case),
         }
         image = _require_file(root, entry["image"], case, "image")
+        window = _ct_window_of(image)
+        if window is not None:
+            windows.setdefault(window, case)
+            if len(windows) > 1:
+                (first, first_case), (other, other_case) = list(windows.items())[:2]
+                raise CipaInputError(
+                    f"case {other_case}: image {image} was converted with CT window {list(other)} HU, case "
+                    f"{first_case} with {list(first)} HU (provenance.json, image.ct_window_hu); expected one window "
+                    "for a whole training set: convert the studies again with the same --ct_window"
+                )
         label = _require_file(root, entry["label"], case, "label")
         (ishape, iaff), (lshape, laff) = nifti_header(image, case), nifti_header(label, case)
         channels = ishape[3:] if len(ishape) == 4 else ishape[4:] if len(ishape) == 5 and ishape[3] == 1 else None

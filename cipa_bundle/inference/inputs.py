@@ -44,7 +44,7 @@ from cipa_bundle.io.nifti import grid_mismatch, is_nifti_path, nifti_bytes, nift
 from cipa_bundle.io.volume import Volume
 from cipa_bundle.preprocessing.convert import convert_study
 from cipa_bundle.preprocessing.registration import resample_to_reference
-from cipa_bundle.preprocessing.transforms import DEFAULT_CT_WINDOW_HU, DEFAULT_SUV_MAX, ScaleSUV, WindowCT
+from cipa_bundle.preprocessing.transforms import DEFAULT_CT_WINDOW_HU, DEFAULT_SUV_MAX, ScaleSUV, WindowCT, ct_window_from
 
 __all__ = ["PreparedInput", "check_datalist", "prepare_input", "case_name", "FUSED_IMAGE", "SUV_ON_CT"]
 
@@ -195,7 +195,7 @@ def _same_grid(path: Path, shape: tuple[int, ...], affine: np.ndarray, what: str
 
 
 # --------------------------------------------------------------------------------------------------- the three kinds
-def _prepare_fused(path: Path, source: str) -> PreparedInput:
+def _prepare_fused(path: Path, source: str, ct_window_hu: tuple[float, float] | None) -> PreparedInput:
     shape, affine = _check_fused(path)
     folder = path.parent
     ct = folder / "ct.nii.gz" if (folder / "ct.nii.gz").is_file() else None
@@ -204,10 +204,20 @@ def _prepare_fused(path: Path, source: str) -> PreparedInput:
         if sibling is not None:
             _same_grid(sibling, shape, affine, what, case_name(path))
     provenance = _read_json(folder / "provenance.json") if (folder / "provenance.json").is_file() else {}
+    if ct_window_hu is not None:
+        # The CT channel of a fused image is already windowed: only a matching record lets the request stand.
+        applied = provenance.get("image", {}).get("ct_window_hu") if isinstance(provenance.get("image"), dict) else None
+        if applied is None or [float(v) for v in applied] != list(ct_window_hu):
+            found = f"was windowed with {applied} HU" if applied is not None else "has no provenance.json recording its window"
+            raise CipaInputError(
+                f"input {path}: ct_window_hu={list(ct_window_hu)} was asked for, but this fused image {found}; "
+                "convert the study again with that window, or leave ct_window_hu out"
+            )
     return PreparedInput("fused", source, case_name(path), path, ct, suv, provenance)
 
 
-def _prepare_pair(ct_path: Path, pet_path: Path, work_dir: Path, source: str) -> PreparedInput:
+def _prepare_pair(ct_path: Path, pet_path: Path, work_dir: Path, source: str,
+                  ct_window_hu: tuple[float, float]) -> PreparedInput:
     ct = _load_volume(ct_path, "CT")
     pet = _load_volume(pet_path, "PET")
     for volume, path, what in ((ct, ct_path, "CT"), (pet, pet_path, "PET")):
@@ -225,7 +235,7 @@ def _prepare_pair(ct_path: Path, pet_path: Path, work_dir: Path, source: str) ->
             "(Bq/ml): convert the PET DICOM with 'cipa-bundle suv' or predict on the DICOM study folder"
         )
     suv_ct = resample_to_reference(pet, ct, "linear", 0.0)
-    ct_unit = WindowCT(*DEFAULT_CT_WINDOW_HU)(torch.as_tensor(ct.array))
+    ct_unit = WindowCT(*ct_window_hu)(torch.as_tensor(ct.array))
     pet_unit = ScaleSUV(DEFAULT_SUV_MAX)(torch.as_tensor(suv_ct.array))
     image = Volume(np.stack([np.asarray(ct_unit), np.asarray(pet_unit)], axis=-1).astype(np.float32), ct.affine)
 
@@ -237,7 +247,7 @@ def _prepare_pair(ct_path: Path, pet_path: Path, work_dir: Path, source: str) ->
         "suv": _read_json(sidecar) if sidecar.is_file() else "PET supplied as SUV NIfTI; conversion not recorded",
         "resampling": {"library": "itk", "interpolation": "linear", "fill_value": 0.0,
                        "direction": "PET onto the CT grid, in physical (patient) space"},
-        "image": {"channels": ["ct", "pet"], "ct_window_hu": list(DEFAULT_CT_WINDOW_HU), "suv_max": DEFAULT_SUV_MAX},
+        "image": {"channels": ["ct", "pet"], "ct_window_hu": list(ct_window_hu), "suv_max": DEFAULT_SUV_MAX},
     }
     out_image, out_suv = work_dir / FUSED_IMAGE, work_dir / SUV_ON_CT
     payloads = [nifti_bytes(image, gz=True), nifti_bytes(Volume(suv_ct.array.astype(np.float32), ct.affine), gz=True)]
@@ -250,9 +260,10 @@ def _prepare_pair(ct_path: Path, pet_path: Path, work_dir: Path, source: str) ->
 
 
 def _prepare_dicom(study: Path, work_dir: Path, source: str, register: str, suv_kind: str,
-                   progress: bool, ct_series: str | None, pet_series: str | None) -> PreparedInput:
+                   progress: bool, ct_series: str | None, pet_series: str | None,
+                   ct_window_hu: tuple[float, float]) -> PreparedInput:
     paths = convert_study(study, work_dir, register, suv_kind, progress=progress, ct_series=ct_series,
-                          pet_series=pet_series)
+                          pet_series=pet_series, ct_window_hu=ct_window_hu)
     provenance = _read_json(paths["provenance"])
     # The SEG needs the headers of the CT instances the volume was made of, in its slice order, which the
     # provenance lists (localizers set aside); headers alone are enough (no pixel data).
@@ -275,6 +286,7 @@ def prepare_input(
     ct_series: str | None = None,
     pet_series: str | None = None,
     progress: bool = True,
+    ct_window_hu: Sequence[float] | None = None,
 ) -> PreparedInput:
     """Turn a DICOM study, a CT + PET NIfTI pair or a fused image into the workflow's fused ``image.nii.gz``.
 
@@ -290,6 +302,9 @@ def prepare_input(
         ct_series: DICOM only: SeriesInstanceUID of the CT series, where the study holds several.
         pet_series: DICOM only: SeriesInstanceUID of the PET series, where the study holds several.
         progress: show ``convert``'s progress bar.
+        ct_window_hu: ``(low, high)`` HU mapped to [0, 1] in the CT channel; ``None`` is the bundle's lung window
+            (``DEFAULT_CT_WINDOW_HU``). It must be the window the model was trained with. A fused image is already
+            windowed, so it is accepted only when its ``provenance.json`` records this window.
 
     Returns:
         The :class:`PreparedInput`.
@@ -301,6 +316,7 @@ def prepare_input(
     """
     source = str(input) if isinstance(input, (str, os.PathLike)) else ",".join(map(str, input))
     work = Path(work_dir)
+    window = None if ct_window_hu is None else ct_window_from(ct_window_hu)
     dicom_options = {"register": (register, "none"), "suv_kind": (suv_kind, "bw"), "ct_series": (ct_series, None),
                      "pet_series": (pet_series, None)}
 
@@ -330,7 +346,7 @@ def prepare_input(
     if pair is not None:
         not_dicom("a CT + PET NIfTI pair")
         work.mkdir(parents=True, exist_ok=True)
-        return _prepare_pair(pair[0], pair[1], work, source)
+        return _prepare_pair(pair[0], pair[1], work, source, window or DEFAULT_CT_WINDOW_HU)
 
     path = Path(input)  # type: ignore[arg-type]
     if not path.exists():
@@ -341,14 +357,15 @@ def prepare_input(
                 f"input {path} is a file but not a NIfTI (.nii / .nii.gz); {_EXPECTED} (for DICOM, pass the folder)"
             )
         not_dicom("a NIfTI file")
-        return _prepare_fused(path, source)
+        return _prepare_fused(path, source, window)
     if (path / FUSED_IMAGE).is_file():
         not_dicom("a converted image folder")
-        return _prepare_fused(path / FUSED_IMAGE, source)
+        return _prepare_fused(path / FUSED_IMAGE, source, window)
     for ct_name, pet_name in _PAIR_NAMES:
         if (path / ct_name).is_file() and (path / pet_name).is_file():
             not_dicom("a CT + PET NIfTI folder")
             work.mkdir(parents=True, exist_ok=True)
-            return _prepare_pair(path / ct_name, path / pet_name, work, source)
+            return _prepare_pair(path / ct_name, path / pet_name, work, source, window or DEFAULT_CT_WINDOW_HU)
     work.mkdir(parents=True, exist_ok=True)
-    return _prepare_dicom(path, work, source, register, suv_kind, progress, ct_series, pet_series)
+    return _prepare_dicom(path, work, source, register, suv_kind, progress, ct_series, pet_series,
+                          window or DEFAULT_CT_WINDOW_HU)

@@ -232,6 +232,7 @@ def predict(
     all_slices: bool = False,
     rtstruct: bool = False,
     report_extra: Mapping[str, Any] | None = None,
+    ct_window_hu: Sequence[float] | None = None,
 ) -> dict[str, Path]:
     """Segment lung tumours in one PET-CT study and write the mask, DICOM SEG, figures and report.
 
@@ -260,6 +261,8 @@ def predict(
         rtstruct: DICOM input: also write ``rtstruct.dcm``, the mask's contours as an RTSTRUCT referencing the CT
             (for radiotherapy systems, which read RTSTRUCT rather than SEG).
         report_extra: more ``report.json`` keys about where the input came from (e.g. the DICOMweb study).
+        ct_window_hu: the CT window ``(low, high)`` in HU the model was trained with (default: the bundle's lung
+            window); see :func:`~cipa_bundle.inference.inputs.prepare_input`.
 
     Returns:
         ``{"mask": path, ...}``: every file written.
@@ -286,7 +289,8 @@ def predict(
     work = out / "intermediate" if keep_intermediate else Path(tempfile.mkdtemp(prefix=".cipa-work-", dir=out))
     try:
         prepared = prepare_input(input, work / "input", pet=pet, register=register, suv_kind=suv_kind,
-                                 ct_series=ct_series, pet_series=pet_series, progress=progress)
+                                 ct_series=ct_series, pet_series=pet_series, progress=progress,
+                                 ct_window_hu=ct_window_hu)
         timings["prepare"] = time.perf_counter() - start
         if rtstruct and not prepared.ct_datasets:
             raise CipaInputError(

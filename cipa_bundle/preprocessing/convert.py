@@ -68,7 +68,7 @@ from cipa_bundle.io.volume import Volume
 from cipa_bundle.preprocessing.registration import check_frame_of_reference, resample_to_reference, rigid_refine
 from cipa_bundle.preprocessing.suv import SUV_KINDS
 from cipa_bundle.preprocessing.suv_series import pet_series_to_suv
-from cipa_bundle.preprocessing.transforms import DEFAULT_CT_WINDOW_HU, DEFAULT_SUV_MAX, ScaleSUV, WindowCT
+from cipa_bundle.preprocessing.transforms import DEFAULT_CT_WINDOW_HU, DEFAULT_SUV_MAX, ScaleSUV, WindowCT, ct_window_from
 
 __all__ = [
     "OUTPUT_FILES",
@@ -345,6 +345,7 @@ def convert_study(
         raise CipaInputError(f"convert: register={register!r} is not supported; expected one of {', '.join(_REGISTER)}")
     if suv_kind not in SUV_KINDS:
         raise CipaInputError(f"convert: kind={suv_kind!r} is not supported; expected one of {', '.join(SUV_KINDS)}")
+    ct_window_hu = ct_window_from(ct_window_hu)
     study = Path(study_dir)
     out = Path(out_dir)
     studies: tuple[Path, Path] | None = None

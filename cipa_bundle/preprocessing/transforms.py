@@ -16,8 +16,9 @@ and meta dict travel through untouched).
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, ScaleIntensityRange, ScaleIntensityRanged, Transform
 from monai.utils import MetaKeys, convert_to_tensor
 
+from cipa_bundle.errors import CipaInputError
 from cipa_bundle.preprocessing.suv import SUV_KINDS
 from cipa_bundle.preprocessing.suv_series import pet_series_to_suv
 
@@ -42,13 +44,18 @@ __all__ = [
     "ScaleSUV",
     "ScaleSUVd",
     "WindowCT",
+    "SOFT_TISSUE_CT_WINDOW_HU",
     "WindowCTd",
+    "ct_window_from",
 ]
 
 #: PCLT20K's CT window (HU): [-1200, -200] -> [0, 1]. The data set description gives it (our reference notes could
 #: not confirm it from code, so it stays a parameter). Everything above -200 HU, soft tissue and tumour included,
 #: saturates at 1: the window is tuned to lung parenchyma, and tumour-versus-mediastinum contrast comes from PET.
 DEFAULT_CT_WINDOW_HU: tuple[float, float] = (-1200.0, -200.0)
+#: A soft-tissue window (HU), for tumours outside the lung: on the real sarcoma patients the lung window leaves the CT
+#: channel blank inside the limb (docs/performance.md, "Quality on real data").
+SOFT_TISSUE_CT_WINDOW_HU: tuple[float, float] = (-160.0, 240.0)
 
 #: SUV mapped to 1 (g/ml). No PCLT20K rule is published; 10 is chosen because the decisions the network must make
 #: happen below it (lung 0.3-0.6, blood pool 1.5-2.5, liver 2-3, the classic 2.5 malignancy threshold, hot nodes
@@ -63,6 +70,22 @@ CIPA_INPUT_SHIFT: float = -1.6
 
 
 # --------------------------------------------------------------------------------------------------- CT window
+def ct_window_from(value: str | Sequence[float]) -> tuple[float, float]:
+    """A CT window ``(low, high)`` in HU from ``"LOW,HIGH"`` or a 2-sequence, as the command line and configs give it.
+
+    Raises:
+        CipaInputError: not two finite numbers with ``low < high``; the message names ``ct_window_hu``.
+    """
+    parts = value.replace(" ", "").split(",") if isinstance(value, str) else list(value)
+    try:
+        low, high = (float(v) for v in parts)
+    except (TypeError, ValueError):
+        raise CipaInputError(f"ct_window_hu={value!r}: expected two numbers LOW,HIGH in HU, e.g. -160,240") from None
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise CipaInputError(f"ct_window_hu={value!r}: expected finite LOW < HIGH in HU, e.g. -160,240")
+    return low, high
+
+
 class WindowCT(ScaleIntensityRange):
     """Clip HU to ``[hu_min, hu_max]`` and map linearly to ``[0, 1]`` (float32).
 
