@@ -7,8 +7,9 @@ organ is not.
 
 What runs, all through the bundle's own code:
 
-1. **convert** each study with ``--label_rtstruct CT/mask/RS.dcm``: SUV, PET onto the CT grid, the fused
-   ``image.nii.gz`` and the GTV rasterised as ``label.nii.gz``.
+1. **convert** each study with ``--label_rtstruct CT/mask/RS.dcm --ct_window=-160,240``: SUV, PET onto the CT grid,
+   the fused ``image.nii.gz`` (CT in the soft-tissue window: the bundle's lung window leaves a limb sarcoma's CT
+   blank; ``--ct_window -1200 -200`` gives the lung-window run) and the GTV rasterised as ``label.nii.gz``.
 2. **4-fold cross-validation by patient**: each fold holds 2 patients out for testing; of the other 6, one is the
    validation patient (best-epoch selection) and 5 train. No slice of a test patient is ever trained or validated on.
 3. **Methods.**
@@ -52,6 +53,8 @@ from typing import Any
 
 import numpy as np
 
+from cipa_bundle.preprocessing.transforms import DEFAULT_CT_WINDOW_HU, SOFT_TISSUE_CT_WINDOW_HU
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 TRAINED = {
@@ -89,7 +92,6 @@ def convert_patients(data: Path, patients: list[str], work: Path,
     ``ct_window_hu`` is ``convert``'s CT window for the image's CT channel (default: the bundle's lung window).
     """
     from cipa_bundle.preprocessing.convert import convert_study
-    from cipa_bundle.preprocessing.transforms import DEFAULT_CT_WINDOW_HU
 
     window = tuple(ct_window_hu) if ct_window_hu is not None else DEFAULT_CT_WINDOW_HU
     root = work / ("converted" if window == DEFAULT_CT_WINDOW_HU else f"converted_ct{window[0]:g}_{window[1]:g}")
@@ -285,18 +287,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="predict with the last epoch's weights (default, as nnU-Net) or the best validation epoch's")
     parser.add_argument("--override", type=json.loads, default={},
                         help='more training/inference config ids as JSON, e.g. \'{"network_width": 24}\'')
-    parser.add_argument("--ct_window", type=float, nargs=2, default=None, metavar=("LOW_HU", "HIGH_HU"),
-                        help="convert's CT window for the CT channel of the trained methods (default: the bundle's "
-                             "lung window); e.g. -160 240 for soft tissue")
+    parser.add_argument("--ct_window", type=float, nargs=2, default=list(SOFT_TISSUE_CT_WINDOW_HU),
+                        metavar=("LOW_HU", "HIGH_HU"),
+                        help="convert's CT window for the CT channel of the trained methods (default: soft tissue, "
+                             "-160 240; -1200 -200 is the bundle's lung window)")
     args = parser.parse_args(argv)
-
-    from cipa_bundle.preprocessing.transforms import DEFAULT_CT_WINDOW_HU
 
     started = time.perf_counter()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     patients = find_patients(args.data, args.patients)
-    converted = convert_patients(args.data, patients, out, args.ct_window)
+    converted = convert_patients(args.data, patients, out, tuple(args.ct_window))
     folds = patient_folds(patients, args.folds)
     tested = [p for fold in folds for p in fold["test"]]
     timing: dict[str, dict[str, float]] = {m: {"train_s": 0.0, "predict_s": 0.0} for m in args.methods}
@@ -310,7 +311,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 # A finished training run records its settings and time last; --resume keeps it and predicts again.
                 fold_dir, record = fold_root / method, fold_root / f"{method}.train.json"
                 settings = {"fold": fold, "epochs": args.epochs, "override": args.override}
-                if args.ct_window is not None:  # runs without it (the lung window) keep their records
+                if tuple(args.ct_window) != DEFAULT_CT_WINDOW_HU:  # lung-window runs keep their earlier records
                     settings["ct_window"] = args.ct_window
                 if args.resume and record.is_file() and json.loads(record.read_text())["settings"] == settings:
                     train_s = json.loads(record.read_text())["train_s"]
@@ -337,7 +338,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         os.symlink(converted[patient] / "label.nii.gz", gt_root / patient / "label.nii.gz")
     slices = {p: int(json.loads((converted[p] / "provenance.json").read_text())["ct"]["shape"][2]) for p in tested}
     results: dict[str, Any] = {"patients": tested, "folds": folds, "epochs": args.epochs, "weights": args.weights,
-                               "ct_window_hu": list(args.ct_window or DEFAULT_CT_WINDOW_HU), "methods": {}}
+                               "ct_window_hu": list(args.ct_window), "methods": {}}
     for method in args.methods:
         summary = evaluate_folder(predictions[method], gt_root, out / "metrics" / method,
                                   pred_name="mask.nii.gz", gt_name="label.nii.gz")
