@@ -32,11 +32,8 @@ from cipa_bundle.inference.postprocess import (
     RemoveSmallLesionsd,
     fill_holes_2d,
 )
-from cipa_bundle.inference.predict import (
-    BodySliceInferer,
-    MissingWeightsError,
-    predict,
-)
+from cipa_bundle.inference.body_range import BodySliceInferer
+from cipa_bundle.inference.predict import MissingWeightsError, predict
 from cipa_bundle.networks.weights import checkpoint_architecture
 
 REPO = Path(__file__).resolve().parents[1]

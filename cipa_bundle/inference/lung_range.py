@@ -16,7 +16,7 @@ anatomical and errs towards running more:
   nothing is skipped on a guess.
 
 Every slice outside the range gets the background logit (an empty mask there), exactly as the body range of
-:class:`~cipa_bundle.inference.predict.BodySliceInferer` does.
+:class:`~cipa_bundle.inference.body_range.BodySliceInferer` does.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from monai.data.utils import affine_to_spacing
 
 from cipa_bundle.components import label_components
 from cipa_bundle.inference.postprocess import DEFAULT_BODY_THRESHOLD, fill_holes_2d
-from cipa_bundle.inference.predict import BodySliceInferer
+from cipa_bundle.inference.body_range import BodySliceInferer
 
 __all__ = ["DEFAULT_LUNG_MARGIN_MM", "DEFAULT_MIN_LUNG_ML", "LungSliceInferer", "lung_slices"]
 
@@ -78,7 +78,7 @@ class LungSliceInferer(BodySliceInferer):
         lung_only: ``False`` runs every body slice (``--all_slices``).
         margin_mm: added above and below the lungs, in mm (at least one slice).
         min_lung_ml: smallest air-density component inside the body that counts as lung.
-        kwargs: :class:`~cipa_bundle.inference.predict.BodySliceInferer`'s other arguments (``sw_batch_size``,
+        kwargs: :class:`~cipa_bundle.inference.body_range.BodySliceInferer`'s other arguments (``sw_batch_size``,
             ``body_threshold``, ``margin``: slices around the body range, which runs when no lung is found or
             ``lung_only`` is off...).
 
