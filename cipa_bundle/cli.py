@@ -146,9 +146,9 @@ class Commands:
                 window; -160,240 for soft tissue). Train and predict with the same window.
         """
         from cipa_bundle.preprocessing.convert import convert_study
-        from cipa_bundle.preprocessing.transforms import DEFAULT_CT_WINDOW_HU, ct_window_from
+        from cipa_bundle.preprocessing.transforms import DEFAULT_CT_WINDOW_HU
 
-        window = DEFAULT_CT_WINDOW_HU if ct_window is None else ct_window_from(ct_window)
+        window = DEFAULT_CT_WINDOW_HU if ct_window is None else ct_window  # convert_study validates it
         written = convert_study(study_dir, out_dir, register, kind, studies_dir=studies_dir, case_id=_name(case_id),
                                 label=label, ct_series=_name(ct_series), pet_series=_name(pet_series),
                                 label_rtstruct=label_rtstruct, roi=_name(roi), ct_window_hu=window)

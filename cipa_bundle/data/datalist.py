@@ -39,6 +39,7 @@ import numpy as np
 from cipa_bundle.data.slices import expand_datalist_slices
 from cipa_bundle.errors import CipaInputError
 from cipa_bundle.io.nifti import nifti_header, require_3d_mask, require_same_grid, save_json
+from cipa_bundle.preprocessing.convert import recorded_ct_window
 
 __all__ = [
     "SOURCES",
@@ -291,16 +292,16 @@ def _document_3d(
     )
 
 
-def _ct_window_of(image: Path) -> tuple[float, ...] | None:
+def _ct_window_of(image: Path) -> tuple[float, float] | None:
     """The CT window ``convert`` recorded beside ``image`` (``provenance.json``), or None where there is no record."""
     record = image.parent / "provenance.json"
     if not record.is_file():
         return None
     try:
-        window = json.loads(record.read_text()).get("image", {}).get("ct_window_hu")
-    except (OSError, ValueError, AttributeError) as err:
+        provenance = json.loads(record.read_text())
+    except (OSError, ValueError) as err:
         raise CipaInputError(f"{record}: not readable JSON with image.ct_window_hu ({err})") from err
-    return None if window is None else tuple(float(v) for v in window)
+    return recorded_ct_window(provenance)
 
 
 def build_studies_datalist(
@@ -325,7 +326,7 @@ def build_studies_datalist(
     """
     root = Path(root)
     cases = _find_cases(root, image_name)
-    windows: dict[tuple[float, ...], str] = {}
+    windows: dict[tuple[float, float], str] = {}
 
     def item(case: str) -> dict[str, str]:
         entry = {

@@ -42,7 +42,7 @@ from cipa_bundle.io.atomic import atomic_outputs
 from cipa_bundle.io.dicom import sort_and_measure
 from cipa_bundle.io.nifti import grid_mismatch, is_nifti_path, nifti_bytes, nifti_header, sidecar_path, strip_nifti_suffix
 from cipa_bundle.io.volume import Volume
-from cipa_bundle.preprocessing.convert import convert_study
+from cipa_bundle.preprocessing.convert import convert_study, recorded_ct_window
 from cipa_bundle.preprocessing.registration import resample_to_reference
 from cipa_bundle.preprocessing.transforms import DEFAULT_CT_WINDOW_HU, DEFAULT_SUV_MAX, ScaleSUV, WindowCT, ct_window_from
 
@@ -206,9 +206,9 @@ def _prepare_fused(path: Path, source: str, ct_window_hu: tuple[float, float] | 
     provenance = _read_json(folder / "provenance.json") if (folder / "provenance.json").is_file() else {}
     if ct_window_hu is not None:
         # The CT channel of a fused image is already windowed: only a matching record lets the request stand.
-        applied = provenance.get("image", {}).get("ct_window_hu") if isinstance(provenance.get("image"), dict) else None
-        if applied is None or [float(v) for v in applied] != list(ct_window_hu):
-            found = f"was windowed with {applied} HU" if applied is not None else "has no provenance.json recording its window"
+        applied = recorded_ct_window(provenance)
+        if applied != tuple(ct_window_hu):
+            found = f"was windowed with {list(applied)} HU" if applied else "has no provenance.json recording its window"
             raise CipaInputError(
                 f"input {path}: ct_window_hu={list(ct_window_hu)} was asked for, but this fused image {found}; "
                 "convert the study again with that window, or leave ct_window_hu out"
@@ -316,7 +316,8 @@ def prepare_input(
     """
     source = str(input) if isinstance(input, (str, os.PathLike)) else ",".join(map(str, input))
     work = Path(work_dir)
-    window = None if ct_window_hu is None else ct_window_from(ct_window_hu)
+    requested = None if ct_window_hu is None else ct_window_from(ct_window_hu)
+    window = requested or DEFAULT_CT_WINDOW_HU
     dicom_options = {"register": (register, "none"), "suv_kind": (suv_kind, "bw"), "ct_series": (ct_series, None),
                      "pet_series": (pet_series, None)}
 
@@ -346,7 +347,7 @@ def prepare_input(
     if pair is not None:
         not_dicom("a CT + PET NIfTI pair")
         work.mkdir(parents=True, exist_ok=True)
-        return _prepare_pair(pair[0], pair[1], work, source, window or DEFAULT_CT_WINDOW_HU)
+        return _prepare_pair(pair[0], pair[1], work, source, window)
 
     path = Path(input)  # type: ignore[arg-type]
     if not path.exists():
@@ -357,15 +358,14 @@ def prepare_input(
                 f"input {path} is a file but not a NIfTI (.nii / .nii.gz); {_EXPECTED} (for DICOM, pass the folder)"
             )
         not_dicom("a NIfTI file")
-        return _prepare_fused(path, source, window)
+        return _prepare_fused(path, source, requested)
     if (path / FUSED_IMAGE).is_file():
         not_dicom("a converted image folder")
-        return _prepare_fused(path / FUSED_IMAGE, source, window)
+        return _prepare_fused(path / FUSED_IMAGE, source, requested)
     for ct_name, pet_name in _PAIR_NAMES:
         if (path / ct_name).is_file() and (path / pet_name).is_file():
             not_dicom("a CT + PET NIfTI folder")
             work.mkdir(parents=True, exist_ok=True)
-            return _prepare_pair(path / ct_name, path / pet_name, work, source, window or DEFAULT_CT_WINDOW_HU)
+            return _prepare_pair(path / ct_name, path / pet_name, work, source, window)
     work.mkdir(parents=True, exist_ok=True)
-    return _prepare_dicom(path, work, source, register, suv_kind, progress, ct_series, pet_series,
-                          window or DEFAULT_CT_WINDOW_HU)
+    return _prepare_dicom(path, work, source, register, suv_kind, progress, ct_series, pet_series, window)

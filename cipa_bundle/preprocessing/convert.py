@@ -46,6 +46,7 @@ import gzip
 import os
 import re
 import shutil
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import metadata
@@ -77,6 +78,7 @@ __all__ = [
     "convert_study",
     "find_study_series",
     "studies_case_paths",
+    "recorded_ct_window",
 ]
 
 #: Files written by :func:`convert_study`, in writing order.
@@ -282,6 +284,14 @@ def _ct_for_nifti(series: Any) -> Volume:
     if exact and array.size and array.min() >= -32768 and array.max() <= 32767:
         return Volume(np.array(array, dtype=np.int16, order="F"), series.volume.affine)
     return Volume(np.array(array, dtype=np.float32, order="F"), series.volume.affine)
+
+
+def recorded_ct_window(provenance: Mapping[str, Any]) -> tuple[float, float] | None:
+    """The CT window ``convert`` applied, from its ``provenance.json`` content (``image.ct_window_hu``); None where
+    the record has none."""
+    image = provenance.get("image")
+    window = image.get("ct_window_hu") if isinstance(image, Mapping) else None
+    return None if window is None else ct_window_from(window)
 
 
 def convert_study(
