@@ -33,6 +33,8 @@ Usage::
     python benchmarks/bench_quality.py                         # the full run (about 40 minutes on 2 CPU cores)
     python benchmarks/bench_quality.py --resume                # keep finished training runs, predict again
     python benchmarks/bench_quality.py --resume --weights best # the same models, best-validation-epoch weights
+    python benchmarks/bench_quality.py --resume --methods cipa unet \
+        --inference_override '{"inferer#overlap": 0.5, "inferer#mode": "gaussian"}'  # other inference tiles
     python benchmarks/bench_quality.py --epochs 1 --folds 1 --patients STS_002 STS_003 STS_004 STS_005
 
 Paste ``quality.md`` into docs/performance.md ("Quality on real data") with the machine and the time it took.
@@ -287,6 +289,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="predict with the last epoch's weights (default, as nnU-Net) or the best validation epoch's")
     parser.add_argument("--override", type=json.loads, default={},
                         help='more training/inference config ids as JSON, e.g. \'{"network_width": 24}\'')
+    parser.add_argument("--inference_override", type=json.loads, default={},
+                        help="config ids for prediction only, kept out of the training settings (so --resume keeps the "
+                             'models), e.g. \'{"inferer#overlap": 0.5, "inferer#mode": "gaussian"}\' to check how much the '
+                             "masks depend on where the sliding window's tiles fall")
     parser.add_argument("--ct_window", type=float, nargs=2, default=list(SOFT_TISSUE_CT_WINDOW_HU),
                         metavar=("LOW_HU", "HIGH_HU"),
                         help="convert's CT window for the CT channel of the trained methods (default: soft tissue, "
@@ -323,7 +329,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 timing[method]["train_s"] += train_s
                 timing[method]["predict_s"] += trained_predict(
                     method, weights(fold_dir, args.epochs, args.weights), converted, fold["test"], predictions[method],
-                    args.override)
+                    {**args.override, **args.inference_override})
             else:
                 timing[method]["predict_s"] += threshold_predict(method, converted, fold["test"], predictions[method])
             print(f"fold {f + 1}/{len(folds)} {method}: done ({time.perf_counter() - started:.0f} s so far)",
@@ -338,7 +344,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         os.symlink(converted[patient] / "label.nii.gz", gt_root / patient / "label.nii.gz")
     slices = {p: int(json.loads((converted[p] / "provenance.json").read_text())["ct"]["shape"][2]) for p in tested}
     results: dict[str, Any] = {"patients": tested, "folds": folds, "epochs": args.epochs, "weights": args.weights,
-                               "ct_window_hu": list(args.ct_window), "methods": {}}
+                               "ct_window_hu": list(args.ct_window), "inference_override": args.inference_override,
+                               "methods": {}}
     for method in args.methods:
         summary = evaluate_folder(predictions[method], gt_root, out / "metrics" / method,
                                   pred_name="mask.nii.gz", gt_name="label.nii.gz")
@@ -360,7 +367,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["wall_s"] = time.perf_counter() - started
 
     lines = [f"Held-out 3-D Dice per patient ({len(folds)}-fold cross-validation by patient, {args.epochs} epochs "
-             f"for the trained methods, {args.weights} weights):", "",
+             f"for the trained methods, {args.weights} weights"
+             + (f", prediction overrides {json.dumps(args.inference_override)}" if args.inference_override else "")
+             + "):", "",
              "| patient | " + " | ".join(args.methods) + " |", "|---|" + "---:|" * len(args.methods)]
     for p in tested:
         lines.append(f"| {p} | " + " | ".join(_fmt(results["methods"][m]["dice"][p]) for m in args.methods) + " |")

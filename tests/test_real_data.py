@@ -118,3 +118,35 @@ def test_training_pads_a_real_slice_smaller_than_img_size_and_crops_nothing(shar
     image = np.asarray(nib.load(paths["image"]).dataobj)[:, :, k]
     # The image's own content is all there, with zeros (air, no uptake) around it.
     assert float(out["image"].sum()) == pytest.approx(float(image.sum()), rel=1e-5)
+
+
+def test_training_crops_a_real_slice_larger_than_img_size_at_random_positions(shared_real: Path, tmp_path: Path) -> None:
+    """At ``img_size`` 64, STS_002's 161 x 143 px slices are trained as 64 x 64 patches drawn anywhere on the slice.
+
+    The sliding-window inferer shows the network the tumour anywhere in its window, cut by the window's edge, too; a
+    centre crop (plus the 10 % translation and the square crop-resize) kept the tumour within about 16 px of the
+    patch centre at this size, and the networks then depended on where the inference tiles fell.
+    """
+    from monai.bundle import ConfigParser
+
+    study = shared_real / "sts" / PATIENTS[0]
+    if not study.is_dir():
+        pytest.skip(f"{study} is absent")
+    paths = convert_study(study, tmp_path / "out", progress=False, label_rtstruct=study / "CT" / "mask" / "RS.dcm")
+    label = np.asarray(nib.load(paths["label"]).dataobj)
+    k = int(np.argmax(label.sum(axis=(0, 1))))
+    parser = ConfigParser()
+    parser.read_config(str(Path(__file__).resolve().parents[1] / "configs" / "train.json"))
+    parser["img_size"] = 64
+    training = parser.get_parsed_content("train#preprocessing")
+    training.set_random_state(seed=0)
+    offsets, cut = [], 0
+    for _ in range(40):
+        out = training({"image": str(paths["image"]), "label": str(paths["label"]), "slice": k})
+        assert tuple(out["image"].shape) == (2, 64, 64) and tuple(out["label"].shape[-2:]) == (64, 64)
+        patch = np.asarray(out["label"]).reshape(64, 64) > 0
+        if patch.any():
+            offsets.append(np.abs(np.argwhere(patch).mean(axis=0) - 31.5).max())
+        cut += int(patch.sum() < label[:, :, k].sum())
+    assert len(offsets) >= 10 and max(offsets) > 24, offsets
+    assert cut >= 10  # the tumour is often cut by the patch border, as it is by an inference tile
