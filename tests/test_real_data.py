@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -96,57 +97,61 @@ def test_predict_runs_end_to_end_on_a_real_study(shared_real: Path, tmp_path: Pa
     assert 2 * np.sum(back & (mask > 0)) / (np.sum(back) + np.sum(mask > 0)) >= 0.98
 
 
-def test_training_pads_a_real_slice_smaller_than_img_size_and_crops_nothing(shared_real: Path, tmp_path: Path) -> None:
-    """STS_002's CT is 161 x 143 px: at ``img_size`` 256 the training transforms pad it and keep every tumour voxel."""
-    from monai.bundle import ConfigParser
-
+@pytest.fixture(scope="module")
+def sts_002_training_slice(shared_real: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """STS_002 converted once for the training-transform tests: its item (the slice with the most tumour) and label."""
     study = shared_real / "sts" / PATIENTS[0]
     if not study.is_dir():
         pytest.skip(f"{study} is absent")
-    paths = convert_study(study, tmp_path / "out", progress=False, label_rtstruct=study / "CT" / "mask" / "RS.dcm")
-    label = np.asarray(nib.load(paths["label"]).dataobj)
-    k = int(np.argmax(label.sum(axis=(0, 1))))  # the slice with the most tumour
-    parser = ConfigParser()
-    parser.read_config(str(Path(__file__).resolve().parents[1] / "configs" / "train.json"))
-    parser["img_size"] = 256
-    parser["validate#preprocessing"]["transforms"] = "$@train#deterministic_transforms"  # no random, no normalising
-    out = parser.get_parsed_content("validate#preprocessing")(
-        {"image": str(paths["image"]), "label": str(paths["label"]), "slice": k}
-    )
-    assert tuple(out["image"].shape) == (2, 256, 256) and tuple(out["label"].shape[-2:]) == (256, 256)
-    assert float(out["label"].sum()) == float(label[:, :, k].sum()) > 0
-    image = np.asarray(nib.load(paths["image"]).dataobj)[:, :, k]
-    # The image's own content is all there, with zeros (air, no uptake) around it.
-    assert float(out["image"].sum()) == pytest.approx(float(image.sum()), rel=1e-5)
-
-
-def test_training_crops_a_real_slice_larger_than_img_size_at_random_positions(shared_real: Path, tmp_path: Path) -> None:
-    """At ``img_size`` 64, STS_002's 161 x 143 px slices are trained as 64 x 64 patches drawn anywhere on the slice.
-
-    The sliding-window inferer shows the network the tumour anywhere in its window, cut by the window's edge, too; a
-    centre crop (plus the 10 % translation and the square crop-resize) kept the tumour within about 16 px of the
-    patch centre at this size, and the networks then depended on where the inference tiles fell.
-    """
-    from monai.bundle import ConfigParser
-
-    study = shared_real / "sts" / PATIENTS[0]
-    if not study.is_dir():
-        pytest.skip(f"{study} is absent")
-    paths = convert_study(study, tmp_path / "out", progress=False, label_rtstruct=study / "CT" / "mask" / "RS.dcm")
+    out = tmp_path_factory.mktemp("sts_002") / "out"
+    paths = convert_study(study, out, progress=False, label_rtstruct=study / "CT" / "mask" / "RS.dcm")
     label = np.asarray(nib.load(paths["label"]).dataobj)
     k = int(np.argmax(label.sum(axis=(0, 1))))
+    return {"item": {"image": str(paths["image"]), "label": str(paths["label"]), "slice": k},
+            "image": np.asarray(nib.load(paths["image"]).dataobj)[:, :, k], "label": label[:, :, k]}
+
+
+def _train_config(img_size: int) -> Any:
+    """``configs/train.json`` parsed at ``img_size``."""
+    from monai.bundle import ConfigParser
+
     parser = ConfigParser()
     parser.read_config(str(Path(__file__).resolve().parents[1] / "configs" / "train.json"))
-    parser["img_size"] = 64
-    training = parser.get_parsed_content("train#preprocessing")
+    parser["img_size"] = img_size
+    return parser
+
+
+def test_training_pads_a_real_slice_smaller_than_img_size_and_crops_nothing(sts_002_training_slice: dict[str, Any]) -> None:
+    """STS_002's CT is 161 x 143 px: at ``img_size`` 256 the training transforms pad it and keep every tumour voxel."""
+    parser = _train_config(256)
+    parser["validate#preprocessing"]["transforms"] = "$@train#deterministic_transforms"  # no random, no normalising
+    out = parser.get_parsed_content("validate#preprocessing")(sts_002_training_slice["item"])
+    assert tuple(out["image"].shape) == (2, 256, 256) and tuple(out["label"].shape[-2:]) == (256, 256)
+    assert float(out["label"].sum()) == float(sts_002_training_slice["label"].sum()) > 0
+    # The image's own content is all there, with zeros (air, no uptake) around it.
+    assert float(out["image"].sum()) == pytest.approx(float(sts_002_training_slice["image"].sum()), rel=1e-5)
+
+
+def test_training_crops_a_real_slice_larger_than_img_size_at_random_positions(
+    sts_002_training_slice: dict[str, Any],
+) -> None:
+    """At ``img_size`` 64, STS_002's 161 x 143 px slices are trained as 64 x 64 patches drawn anywhere on the slice.
+
+    The sliding-window inferer shows the network the tumour anywhere in its window, cut by the window's edge, too. The
+    earlier centre crop (plus the 10 % translation and the square crop-resize) kept the tumour's centroid within 11 px
+    of the patch centre in these 40 draws and cut it in 3, and the networks then depended on where the inference
+    tiles fell.
+    """
+    training = _train_config(64).get_parsed_content("train#preprocessing")
     training.set_random_state(seed=0)
+    truth = float(sts_002_training_slice["label"].sum())
     offsets, cut = [], 0
     for _ in range(40):
-        out = training({"image": str(paths["image"]), "label": str(paths["label"]), "slice": k})
+        out = training(sts_002_training_slice["item"])
         assert tuple(out["image"].shape) == (2, 64, 64) and tuple(out["label"].shape[-2:]) == (64, 64)
         patch = np.asarray(out["label"]).reshape(64, 64) > 0
         if patch.any():
             offsets.append(np.abs(np.argwhere(patch).mean(axis=0) - 31.5).max())
-        cut += int(patch.sum() < label[:, :, k].sum())
+        cut += int(patch.sum() < truth)
     assert len(offsets) >= 10 and max(offsets) > 24, offsets
     assert cut >= 10  # the tumour is often cut by the patch border, as it is by an inference tile
