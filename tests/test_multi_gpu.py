@@ -107,3 +107,22 @@ def test_only_rank_zero_logs_training_loss(distributed_run):
         if "train_loss" in events.Tags()["scalars"]:
             with_loss.append(path.name)
     assert len(with_loss) == 1, with_loss
+
+
+def test_end_distributed_run_destroys_the_group_after_the_barrier_and_is_a_no_op_outside_one(tmp_path):
+    import torch.distributed as dist
+
+    from cipa_bundle.workflows import end_distributed_run
+
+    end_distributed_run()  # no group: nothing to wait for, and no error
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        gathered = [torch.zeros(2)]
+        dist.all_gather(gathered, torch.ones(2))
+        end_distributed_run()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert torch.equal(gathered[0], torch.ones(2))
