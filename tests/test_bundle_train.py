@@ -199,3 +199,24 @@ def test_prepare_datalist_refuses_to_write_into_user_data(tmp_path):
         prepare_datalist(tmp_path / "my_scans" / "datalist.json", tmp_path / "my_scans")
     with pytest.raises(CipaInputError, match="cipa-bundle datalist"):
         prepare_datalist(tmp_path / "nothing" / "datalist.json", tmp_path / "nothing", synthesize_if_missing=False)
+
+
+def test_prepare_datalist_builds_once_when_two_processes_ask_at_once(tmp_path):
+    """The ranks of ``torchrun ... multi_gpu_train.json`` on a fresh clone all ask for the missing synthetic dataset;
+    before the lock they built it in one folder at once and one failed on the other's half-written DICOM files."""
+    dataset = tmp_path / "cache" / "synthetic_petct"
+    code = (
+        "import sys; from cipa_bundle.synthetic.dataset import prepare_datalist; "
+        "print(prepare_datalist(sys.argv[1] + '/datalist.json', sys.argv[1], cases=3, seed=3))"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ranks = [subprocess.Popen([sys.executable, "-c", code, str(dataset)], cwd=REPO_ROOT, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    results = [(rank.communicate(timeout=300), rank.returncode) for rank in ranks]
+    for (out, err), returncode in results:
+        assert returncode == 0, err[-3000:]
+        assert out.strip().splitlines()[-1] == str(dataset / "datalist.json")
+    document = json.loads((dataset / "datalist.json").read_text())
+    cases = {Path(item["image"]).parts[0] for part in ("training", "validation", "testing") for item in document[part]}
+    assert cases == {"phantom_000", "phantom_001", "phantom_002"}
+    assert sorted(p.name for p in dataset.parent.iterdir()) == [".synthetic_petct.lock", "synthetic_petct"]

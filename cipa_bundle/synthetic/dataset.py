@@ -10,6 +10,8 @@ import os
 import shutil
 from pathlib import Path
 
+from filelock import FileLock
+
 from cipa_bundle.data.datalist import build_studies_datalist, write_datalist
 from cipa_bundle.data.slices import expand_datalist_slices
 from cipa_bundle.errors import CipaInputError
@@ -80,6 +82,18 @@ def prepare_datalist(
     root = Path(dataset_dir)
     if not synthesize_if_missing:
         raise CipaInputError(f"datalist {path} not found; build one with `cipa-bundle datalist SOURCE {root} {path}`")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    # The ranks of a multi-GPU run (and any two runs sharing the cache) all get here on a fresh clone: one builds
+    # while the others wait for its lock and then reuse the result. Without it they wrote into one building folder
+    # at once and failed on each other's half-written files.
+    with FileLock(root.parent / f".{root.name}.lock"):
+        if path.is_file():
+            return str(path)
+        return _synthesize(path, root, cases=cases, seed=seed, size=size)
+
+
+def _synthesize(path: Path, root: Path, cases: int, seed: int, size: str) -> str:
+    """Build the synthetic dataset in ``root``, an empty or missing folder, and return its datalist, ``path``."""
     if root.exists() and any(root.iterdir()):
         raise CipaInputError(
             f"datalist {path} not found and dataset_dir {root} is not empty; refusing to write the synthetic dataset "
