@@ -89,6 +89,32 @@ def test_preflight_refuses_with_the_batch_size_that_fits():
     assert probe() is not None  # a run that fits passes
 
 
+def test_cpu_ranks_on_one_host_each_get_their_share_of_the_available_memory(monkeypatch):
+    """Two CPU ranks at the paper's size each need about 11 GiB: on a 23 GiB host each saw all of it and said "fits"."""
+    from cipa_bundle.errors import CipaInputError
+    from cipa_bundle.workflows import preflight
+
+    monkeypatch.setattr(preflight, "_read_proc_kib", lambda path, field: 8 * 1024**3)  # MemAvailable: 8 GiB
+    monkeypatch.setattr(preflight, "_cgroup_room", lambda: 6 * 1024**3)  # a cgroup with 6 GiB left
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert preflight.available_memory(cpu) == 6 * 1024**3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert preflight.available_memory(cpu) == 6 * 1024**3 // 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "two")
+    with pytest.raises(CipaInputError, match="LOCAL_WORLD_SIZE='two'"):
+        preflight.available_memory(cpu)
+
+
+@needs_proc
+def test_preflight_names_the_share_when_cpu_ranks_share_the_host(monkeypatch):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    probe = TrainingMemoryPreflight(CIPA(**SMALL), DiceCELoss(sigmoid=True), 2, (2, 128, 128))
+    estimate = probe.estimate()
+    assert estimate.shared_by == 2
+    assert "2 processes of the run on this host" in estimate.summary()
+
+
 def test_format_duration():
     assert format_duration(59.6) == "0:01:00"
     assert format_duration(3725) == "1:02:05"

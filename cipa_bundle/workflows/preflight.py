@@ -13,7 +13,9 @@ optimizer state (allocated on the first optimizer step) are counted from the par
 
 On the CPU the probe's peak is the process's peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``);
 on CUDA it is ``torch.cuda.max_memory_allocated``. What is available is ``MemAvailable`` (and the cgroup's limit,
-where one is set) on the CPU, and the device's free memory on CUDA, or the configured budget.
+where one is set) on the CPU, split evenly among the run's processes on the host (torchrun's ``LOCAL_WORLD_SIZE``:
+CPU ranks all grow into the same memory, and each would otherwise count all of it as its own), and the device's free
+memory on CUDA, or the configured budget.
 
 The probe leaves no trace: the parameters' gradients, every buffer (batch-norm statistics) and the random-number
 state are restored, the optimizer is not stepped, and on the CPU the memory it freed is handed back to the kernel.
@@ -24,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -35,7 +38,7 @@ from cipa_bundle.errors import CipaInputError
 from cipa_bundle.networks.checkpointing import buffers_kept
 from cipa_bundle.runtime import release_freed_memory
 
-__all__ = ["InsufficientMemoryError", "MemoryEstimate", "TrainingMemoryPreflight", "available_memory"]
+__all__ = ["InsufficientMemoryError", "MemoryEstimate", "TrainingMemoryPreflight", "available_memory", "local_ranks"]
 
 GIB = float(1 << 30)
 
@@ -62,6 +65,7 @@ class MemoryEstimate:
         per_sample_bytes: the probe's peak above the baseline and the gradients: activations of one sample.
         available_bytes: memory the run may grow into above the baseline.
         probe_seconds: wall time of the probe step (at batch 2, or 1 when the run's batch is 1).
+        shared_by: processes of the run on this host that share the CPU memory (``available_bytes`` is one share).
     """
 
     device: str
@@ -71,6 +75,7 @@ class MemoryEstimate:
     per_sample_bytes: int
     available_bytes: int
     probe_seconds: float
+    shared_by: int = 1
 
     def needed_bytes(self, batch_size: int | None = None) -> int:
         """Memory the process will reach, baseline included, at ``batch_size`` (default: the configured one)."""
@@ -98,6 +103,8 @@ class MemoryEstimate:
             f"{self.needed_bytes() / GIB:.1f} GiB (a measured step: {self.per_sample_bytes / GIB:.2f} GiB of "
             f"activations per sample, {self.probe_seconds:.1f} s; gradients and optimizer state "
             f"{self.state_bytes / GIB:.2f} GiB); {self.limit_bytes / GIB:.1f} GiB available"
+            + (f" (this process's share: {self.shared_by} processes of the run on this host)" if self.shared_by > 1
+               else "")
         )
 
 
@@ -122,9 +129,23 @@ def _cgroup_room() -> int | None:
     return None if limit == "max" else max(0, int(limit) - current)
 
 
+def local_ranks() -> int:
+    """How many processes of this run share the host: ``LOCAL_WORLD_SIZE``, which torchrun sets; 1 otherwise."""
+    value = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    try:
+        ranks = int(value)
+    except ValueError:
+        raise CipaInputError(f"memory pre-flight: environment variable LOCAL_WORLD_SIZE={value!r}; expected the "
+                             "number of processes on this host (a positive integer), as torchrun sets it") from None
+    if ranks < 1:
+        raise CipaInputError(f"memory pre-flight: environment variable LOCAL_WORLD_SIZE={ranks}; expected >= 1")
+    return ranks
+
+
 def available_memory(device: torch.device) -> int:
     """Bytes this process can still allocate on ``device``: free device memory on CUDA (plus what PyTorch's cache
-    holds unused); on the CPU, the kernel's ``MemAvailable``, capped by the cgroup's limit where one is set.
+    holds unused); on the CPU, the kernel's ``MemAvailable``, capped by the cgroup's limit where one is set, and
+    divided among the run's processes on this host (:func:`local_ranks`), which all grow into that same memory.
 
     Raises:
         CipaInputError: the CPU's available memory cannot be read (no ``/proc/meminfo``): set a budget instead.
@@ -139,7 +160,7 @@ def available_memory(device: torch.device) -> int:
             "or turn the check off with --memory_preflight false"
         )
     room = _cgroup_room()
-    return available if room is None else min(available, room)
+    return (available if room is None else min(available, room)) // local_ranks()
 
 
 @contextlib.contextmanager
@@ -303,6 +324,7 @@ class TrainingMemoryPreflight:
             per_sample_bytes=per_sample,
             available_bytes=available,
             probe_seconds=seconds,
+            shared_by=local_ranks() if self.device.type == "cpu" and self.memory_limit_gib is None else 1,
         )
 
     def __call__(self) -> MemoryEstimate | None:
