@@ -290,10 +290,13 @@ class TrainingMemoryPreflight:
             # probe without raising the resident set, hiding what a step needs.
             release_freed_memory()
         baseline = meter.current()
+        shared_by = 1  # a configured budget is this process's own, as is a CUDA device
         if self.memory_limit_gib is not None:
             available = int(self.memory_limit_gib * GIB) - baseline
         else:
             available = available_memory(self.device)
+            if self.device.type == "cpu":
+                shared_by = local_ranks()  # available_memory's divisor, named in the summary
         # Two samples where the run has them: batch norm in training mode needs more than one value per channel,
         # which one sample of a small network's deepest (1 x 1) feature map does not give.
         probe_batch = min(2, self.batch_size)
@@ -324,7 +327,7 @@ class TrainingMemoryPreflight:
             per_sample_bytes=per_sample,
             available_bytes=available,
             probe_seconds=seconds,
-            shared_by=local_ranks() if self.device.type == "cpu" and self.memory_limit_gib is None else 1,
+            shared_by=shared_by,
         )
 
     def __call__(self) -> MemoryEstimate | None:
